@@ -1,0 +1,3 @@
+"""vmflow: background tasks on dedicated compute instances, orchestrated by Temporal."""
+
+__version__ = "0.1.0"

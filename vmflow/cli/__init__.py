@@ -1,0 +1,1 @@
+"""The `vmflow` command line."""
