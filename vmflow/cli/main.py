@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import typer
 
+from vmflow import __version__
+
 app = typer.Typer(
     name="vmflow",
     help="Run background tasks on dedicated compute instances, orchestrated by Temporal.",
     no_args_is_help=True,
 )
+
+
+@app.command()
+def version() -> None:
+    """Print vmflow's version."""
+    typer.echo(__version__)
 
 
 def main() -> None:
