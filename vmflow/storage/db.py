@@ -9,7 +9,24 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
+
+# Seconds libpq waits for a PostgreSQL server before giving up, unless the URL
+# sets connect_timeout itself.
+POSTGRES_CONNECT_TIMEOUT_S = 10
+
+
+class DatabaseError(RuntimeError):
+    """The database URL is invalid or the database cannot be reached or migrated."""
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with its password replaced by `***`, safe to print or log."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
 
 
 def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -31,6 +48,10 @@ def create_engine_from_url(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _enable_sqlite_pragmas)
         return engine
+    if "connect_timeout" not in parsed.query:
+        connect_args = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+        connect_args.update(kwargs.pop("connect_args", {}))
+        kwargs["connect_args"] = connect_args
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

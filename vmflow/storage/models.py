@@ -11,8 +11,31 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Deterministic constraint names, the same on SQLite and PostgreSQL, so later
+# migrations can drop or alter a constraint by name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
 
 
 def utc_now() -> datetime:
@@ -24,8 +47,36 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    PostgreSQL keeps the offset (`timestamp with time zone`) but SQLite stores
+    text without one and hands back naive values; this type converts aware
+    values to UTC on the way in, rejects naive ones, and marks values read
+    back as UTC, so both backends return the same aware datetimes.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}; pass an aware one such as utc_now()")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UtcDateTime(), dict[str, Any]: JSON}
 
 
 def _enum(enum_type: type[StrEnum], name: str) -> Enum:
@@ -105,7 +156,11 @@ class Organization(Base):
     feature_flags: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
 
-    projects: Mapped[list[Project]] = relationship(back_populates="organization")
+    # The database deletes children (ON DELETE CASCADE); passive_deletes keeps the
+    # ORM from nulling their foreign keys first, which NOT NULL would reject.
+    projects: Mapped[list[Project]] = relationship(
+        back_populates="organization", cascade="all, delete-orphan", passive_deletes=True
+    )
 
     def has_feature(self, flag: str) -> bool:
         return bool((self.feature_flags or {}).get(flag))
@@ -126,7 +181,9 @@ class Project(Base):
     __tablename__ = "projects"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("proj"))
-    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
     slug: Mapped[str] = mapped_column(String(128), unique=True)
     default_worker_group_id: Mapped[str | None] = mapped_column(
         ForeignKey("worker_instance_groups.id", ondelete="SET NULL")
@@ -165,7 +222,9 @@ class TaskRun(Base):
     __tablename__ = "task_runs"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("run"))
-    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
+    deployment_id: Mapped[str] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE"), index=True
+    )
     task_id: Mapped[str] = mapped_column(String(256))
     status: Mapped[TaskRunStatus] = mapped_column(
         _enum(TaskRunStatus, "task_run_status"), default=TaskRunStatus.PENDING
@@ -184,8 +243,12 @@ class TaskRun(Base):
     last_heartbeat_at: Mapped[datetime | None]
 
     deployment: Mapped[Deployment] = relationship()
-    waitpoints: Mapped[list[Waitpoint]] = relationship(back_populates="run")
-    checkpoints: Mapped[list[TaskRunCheckpoint]] = relationship(back_populates="run")
+    waitpoints: Mapped[list[Waitpoint]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", passive_deletes=True
+    )
+    checkpoints: Mapped[list[TaskRunCheckpoint]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", passive_deletes=True
+    )
 
     __table_args__ = (Index("ix_task_runs_status", "status"),)
 
@@ -222,7 +285,7 @@ class TaskRunCheckpoint(Base):
     location: Mapped[str] = mapped_column(String(512))
     runner_id: Mapped[str | None] = mapped_column(String(128))
     waitpoint_id: Mapped[str | None] = mapped_column(String(64))
-    size_bytes: Mapped[int | None]
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)  # snapshots exceed 2 GiB
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
 
     run: Mapped[TaskRun] = relationship(back_populates="checkpoints")
@@ -231,7 +294,10 @@ class TaskRunCheckpoint(Base):
 class RunLogLine(Base):
     __tablename__ = "run_log_lines"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # 64-bit on PostgreSQL; SQLite only autoincrements a column declared INTEGER.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     run_id: Mapped[str] = mapped_column(ForeignKey("task_runs.id", ondelete="CASCADE"), index=True)
     runner_id: Mapped[str | None] = mapped_column(String(128))
     level: Mapped[str] = mapped_column(String(16), default="INFO")
