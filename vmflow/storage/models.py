@@ -206,6 +206,7 @@ class Deployment(Base):
     )
     template_mode: Mapped[TemplateMode | None] = mapped_column(_enum(TemplateMode, "template_mode"))
     template_id: Mapped[str | None] = mapped_column(String(128))
+    tasks: Mapped[list[str] | None] = mapped_column(JSON)  # task ids the image defines
     error_name: Mapped[str | None] = mapped_column(String(128))
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
