@@ -9,6 +9,9 @@ Databases
     `database_url`       per test, parametrized sqlite/postgres: migrated and empty.
     `sqlite_database_url` per test: the SQLite half of `database_url` alone.
     `db_session_factory` per test: a `sessionmaker` on `database_url`.
+Settings
+    `fresh_settings`     autouse: clears `vmflow.config.get_settings`' cache around
+                         every test, so monkeypatched variables take effect.
 Network and tracing
     `closed_tcp_port`    a 127.0.0.1 port nothing listens on (connection refused).
     `span_exporter`      in-memory OpenTelemetry exporter behind the global provider.
@@ -46,6 +49,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
 
+from vmflow.config import get_settings
 from vmflow.storage import migrate
 from vmflow.storage.db import create_engine_from_url, redact_url, session_factory
 
@@ -74,6 +78,22 @@ def _venv_binary(name: str) -> Path:
             pytrace=False,
         )
     return binary
+
+
+# ---------------------------------------------------------------------------
+# Settings
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings() -> Iterator[None]:
+    """Clear the `get_settings()` cache before and after every test (autouse).
+
+    Set variables with `monkeypatch.setenv` first; the next `get_settings()`
+    reads them, and no test sees settings cached by another.
+    """
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 # ---------------------------------------------------------------------------

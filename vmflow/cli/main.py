@@ -5,12 +5,16 @@ from __future__ import annotations
 import typer
 
 from vmflow import __version__
+from vmflow.cli import db
 
 app = typer.Typer(
     name="vmflow",
     help="Run background tasks on dedicated compute instances, orchestrated by Temporal.",
     no_args_is_help=True,
 )
+
+
+app.add_typer(db.app, name="db")
 
 
 @app.command()

@@ -42,6 +42,10 @@ def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def create_engine_from_url(url: str, **kwargs: Any) -> Engine:
     """Create an engine for `url`, creating a SQLite file's directory when missing."""
     parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        # psycopg 3 is the driver installed; SQLAlchemy's default would be psycopg2.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+        url = parsed.render_as_string(hide_password=False)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)

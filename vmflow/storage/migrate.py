@@ -103,6 +103,10 @@ def current(url: str) -> str | None:
     """Return the revision the database at `url` is at, or None if it was never migrated."""
 
     def read(_config: Config) -> str | None:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            if not Path(parsed.database).expanduser().exists():
+                return None  # reading must not create the file
         engine = create_engine_from_url(url, poolclass=pool.NullPool)
         try:
             with engine.connect() as connection:
