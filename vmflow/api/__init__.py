@@ -1,0 +1,1 @@
+"""The supervisor API: platform routes, gateway callbacks and the runners' workload API."""
