@@ -5,7 +5,7 @@ are compact JSON `{"v": 1, "run_id", "deployment_id", "iat", "exp"}` with
 times in Unix seconds; the signature is HMAC-SHA256 over the encoded claims
 with VMFLOW_WORKLOAD_SECRET. The worker issues one per run and passes it to
 the gateway, whose instance channel adds it to every proxied request, so the
-runner itself never sees it.
+runner itself never receives it.
 """
 
 from __future__ import annotations

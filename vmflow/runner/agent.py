@@ -2,7 +2,7 @@
 
 It imports the image's task modules (VMFLOW_TASK_MODULES, comma-separated),
 reports ready on the channel (VMFLOW_CHANNEL), and polls the instance's
-identity until it names a run: a process booted for a template waits there
+identity until it names a run. A process booted for a template waits there
 until a restore turns it into a real instance. It then starts the run,
 executes the task in a thread of its own (an async task on an event loop in
 that thread), heartbeats and ships logs from the main thread, and reports

@@ -1,9 +1,9 @@
 """HTTP client of the instance channel, the Unix socket that links a runner to the outside.
 
 Each request opens a new connection and closes it after the response, so no
-connection is open when the gateway snapshots the instance. While a snapshot
-is taken the gateway refuses connections; refused, reset and dropped
-connections and the proxy's 502, 503 and 504 are retried with backoff until
+connection is open when the gateway snapshots the instance. The gateway
+rejects connections while it takes a snapshot. So refused, reset and dropped
+connections, and the proxy's 502, 503 and 504, are retried with backoff until
 `retry_deadline_s` has passed. A request the server already handled may
 thus be sent twice, which the workload API allows for every route.
 """
@@ -37,7 +37,7 @@ class ChannelUnavailableError(ChannelError):
 
 
 class WorkloadAPIError(ChannelError):
-    """The workload API (or the channel itself) answered with an HTTP error.
+    """The workload API (or the channel itself) returned an HTTP error status.
 
     `code` is the machine-readable code of the workload API's error body
     (`{"detail": {"code", "message"}}`), or "" when the body has none.

@@ -4,9 +4,9 @@ One `Runtime` exists per runner process once its run has started; the SDK's
 `wait` and `get_context` reach it through `current_runtime()`.
 
 Requests that carry the runner id hold `_lock`. A wait takes the lock to
-ship buffered logs and send its suspend request, and sets `_suspended`; while
-that flag is set the agent's heartbeats and log shipping pause, so no request
-with an outdated runner id is sent after a snapshot. A request rejected as
+ship buffered logs, send its suspend request and set `_suspended`. While that
+flag is set the agent's heartbeats and log shipping pause, so no request with
+an outdated runner id is sent after a snapshot. A request rejected as
 from a stale runner makes the runtime check its identity and, when it has
 been restored, call resume and repeat the request once.
 """
@@ -40,7 +40,7 @@ MAX_LOG_MESSAGE_CHARS = 16_384
 
 @dataclass(frozen=True)
 class Execution:
-    """What the workload API's start route returns: the run to execute."""
+    """The run to execute, as the workload API's start route returns it."""
 
     run_id: str
     task_id: str

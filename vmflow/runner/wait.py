@@ -6,7 +6,7 @@ blocking form called on a running event loop raises `WaitInEventLoopError`
 instead of freezing the loop. The async form runs the blocking one in a
 worker thread, so other coroutines of the task keep running while it waits.
 
-At a wait the runner asks the supervisor to suspend the run. If the wait ends
+At a wait the runner requests that the supervisor suspend the run. If the wait ends
 soon the task continues in place; otherwise the instance is snapshotted,
 deleted, and later restored with all of the task's memory, and the wait
 returns there. One wait is active at a time per run: a second wait that
@@ -55,7 +55,7 @@ def _milliseconds(value: float | timedelta, what: str) -> int:
 
 
 def for_duration(duration: float | timedelta) -> None:
-    """Wait for `duration` (seconds, or a timedelta); the run holds no compute meanwhile."""
+    """Wait for `duration` (seconds, or a timedelta); the run uses no compute meanwhile."""
     _require_no_event_loop("for_duration")
     duration_ms = _milliseconds(duration, "duration")
     current_runtime().wait_for_duration(resume_at=None, duration_ms=duration_ms)
@@ -73,7 +73,7 @@ def until(when: datetime) -> None:
 
 
 def create_token(*, timeout: float | timedelta | None = None, key: str | None = None) -> Token:
-    """Create a token to wait for; whoever holds its id may complete it with an output.
+    """Create a token to wait for; anyone with its id may complete it with an output.
 
     `timeout` (seconds, or a timedelta) makes a wait for the token raise
     `WaitpointTimeoutError` when it has not been completed in time. `key`
