@@ -1,0 +1,1 @@
+"""The reference compute gateway: an HTTP service whose drivers isolate, snapshot and restore."""

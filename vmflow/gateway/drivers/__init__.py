@@ -1,0 +1,1 @@
+"""Drivers that run, snapshot and restore instances; `base.Driver` is the interface."""
