@@ -1,0 +1,49 @@
+"""Errors of the supervisor API, each mapped to one HTTP status and a machine-readable name."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """Root of the errors the API's routes raise; the app turns each into a JSON 4xx or 5xx."""
+
+    status_code = 400
+    error = "bad_request"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFoundError(ApiError):
+    status_code = 404
+    error = "not_found"
+
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.error = error
+
+
+class ConflictError(ApiError):
+    status_code = 409
+    error = "conflict"
+
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.error = error
+
+
+class OrchestrationUnavailableError(ApiError):
+    """Temporal cannot be reached, so nothing was started or signaled."""
+
+    status_code = 503
+    error = "orchestration_unavailable"
+
+
+class InvalidRequestError(ApiError):
+    """The body parsed but a value in it cannot be used."""
+
+    status_code = 422
+
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.error = error

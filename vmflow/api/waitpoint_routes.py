@@ -1,0 +1,102 @@
+"""Platform route that completes a token waitpoint, so the waiting run resumes with its output."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from vmflow.api.errors import ConflictError, InvalidRequestError, NotFoundError
+from vmflow.api.orchestration import Orchestrator
+from vmflow.api.schemas import ErrorResponse, WaitpointCompleteRequest, WaitpointResponse
+from vmflow.api.waitpoints import (
+    WaitpointNotFoundError,
+    WaitpointOutputError,
+    WaitpointStateError,
+    complete_token,
+)
+from vmflow.storage.db import session_scope
+from vmflow.storage.models import Waitpoint, WaitpointStatus
+from workflows import contract
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api/v1/waitpoints", tags=["waitpoints"])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    409: {"model": ErrorResponse},
+    413: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+    503: {"model": ErrorResponse},
+}
+
+
+def _claim(factory: sessionmaker[Session], token_id: str, output: object) -> WaitpointResponse:
+    """Mark a PENDING token waitpoint COMPLETED, else raise 404, 409 or 422."""
+    with session_scope(factory) as session:
+        try:
+            waitpoint = complete_token(session, token_id, output)
+        except WaitpointNotFoundError as error:
+            raise NotFoundError(
+                "waitpoint_not_found", f"waitpoint token {token_id!r} does not exist"
+            ) from error
+        except WaitpointOutputError as error:
+            raise InvalidRequestError("invalid_output", str(error)) from error
+        except WaitpointStateError as error:
+            raise ConflictError("waitpoint_not_pending", str(error)) from error
+        session.flush()
+        return WaitpointResponse.model_validate(waitpoint, from_attributes=True)
+
+
+def _release(factory: sessionmaker[Session], token_id: str) -> None:
+    """Undo `_claim` after the run could not be told, so the token can be completed again."""
+    with session_scope(factory) as session:
+        session.execute(
+            update(Waitpoint)
+            .where(Waitpoint.id == token_id, Waitpoint.status == WaitpointStatus.COMPLETED)
+            .values(status=WaitpointStatus.PENDING, output=None, completed_at=None)
+            .execution_options(synchronize_session=False)
+        )
+
+
+@router.post(
+    "/tokens/{token_id}/complete",
+    response_model=WaitpointResponse,
+    responses=_ERRORS,
+    summary="Complete a token waitpoint",
+)
+async def complete_waitpoint_token(
+    token_id: str, body: WaitpointCompleteRequest, request: Request
+) -> WaitpointResponse:
+    """Record the token's output and deliver it to the waiting run.
+
+    A second completion of the same token gets 409 and changes nothing. If
+    the run cannot be reached, the token stays PENDING and the call can be
+    retried.
+    """
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    waitpoint = await run_in_threadpool(_claim, factory, token_id, body.output)
+
+    orchestrator: Orchestrator = request.app.state.orchestrator
+    try:
+        result = await orchestrator.complete_waitpoint(
+            waitpoint.run_id,
+            contract.WaitpointCompleted(waitpoint_id=token_id, output=body.output),
+        )
+    except Exception:
+        await run_in_threadpool(_release, factory, token_id)
+        raise
+
+    logger.info(
+        "completed waitpoint token %s of run %s (run %s, accepted %s)",
+        token_id,
+        waitpoint.run_id,
+        result.state,
+        result.accepted,
+    )
+    return waitpoint
