@@ -6,7 +6,8 @@ Temporal
                          the `VMFLOW_SEARCH_ATTRIBUTES` registered.
 Databases
     `postgres_url`       session: a fresh PostgreSQL database, dropped at the end.
-    `database_url`       per test, parametrized sqlite/postgres: migrated and empty.
+    `empty_database_url` per test, parametrized sqlite/postgres: nothing in it.
+    `database_url`       the same, migrated to head: every table, no rows.
     `sqlite_database_url` per test: the SQLite half of `database_url` alone.
     `db_session_factory` per test: a `sessionmaker` on `database_url`.
 Settings
@@ -246,25 +247,29 @@ def sqlite_database_url(tmp_path: Path) -> str:
 @pytest.fixture(
     params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
 )
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """URL of an empty database migrated to head; the test runs once per backend.
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of an empty, never migrated database; the test runs once per backend.
 
-    `sqlite`: a file in `tmp_path`. `postgres`: a schema of its own inside
-    `postgres_url`'s database (the URL sets `options=-csearch_path=<schema>`,
-    so any process given the URL sees only that schema), dropped after the
-    test. The URL is a plain string fit for DATABASE_URL or
-    `vmflow.storage.db.create_engine_from_url`. Tests that need one backend
-    only can select it with `-k sqlite` / `-m "not postgres"`.
+    `sqlite`: a file in `tmp_path` (not created yet). `postgres`: a schema of
+    its own inside `postgres_url`'s database (the URL sets
+    `options=-csearch_path=<schema>`, so any process given the URL sees only
+    that schema), dropped after the test. The URL is a plain string fit for
+    DATABASE_URL or `vmflow.storage.db.create_engine_from_url`. Select one
+    backend with `-k sqlite` or `-m "not postgres"`.
     """
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'vmflow.db'}"
-        migrate.upgrade(url)
-        yield url
+        yield f"sqlite:///{tmp_path / 'vmflow.db'}"
         return
     session_database_url: str = request.getfixturevalue("postgres_url")
     with _postgres_schema(session_database_url) as url:
-        migrate.upgrade(url)
         yield url
+
+
+@pytest.fixture
+def database_url(empty_database_url: str) -> str:
+    """`empty_database_url` migrated to head: every table, no rows; per backend."""
+    migrate.upgrade(empty_database_url)
+    return empty_database_url
 
 
 @pytest.fixture
