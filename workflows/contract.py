@@ -144,6 +144,8 @@ class RunExecutionInput:
     # History length that triggers continue-as-new at the next quiet point; None
     # leaves it to the server's suggestion.
     continue_as_new_after_events: int | None = None
+    # Task queue of the snapshot activity; its workers cap concurrent snapshot requests.
+    snapshot_task_queue: str = SNAPSHOT_TASK_QUEUE
     # Set only by continue-as-new.
     carried: RunCarryOver | None = None
 
@@ -161,6 +163,9 @@ class RunCarryOver:
     pending_suspend: SuspendRequested | None = None
     completed_waitpoints: dict[str, WaitpointCompleted] = field(default_factory=dict)
     snapshot_count: int = 0
+    restore_count: int = 0
+    # Snapshot requests made so far; numbers each request id uniquely within the run.
+    snapshot_requests: int = 0
 
 
 @dataclass
@@ -271,8 +276,11 @@ class DeployTemplateInput:
     """Input of DeployTemplateWorkflow, started with id `deploy_workflow_id(deployment_id)`."""
 
     deployment_id: str
-    trace_context: dict[str, str] = field(default_factory=dict)
-    # Seconds a required template build may take before the deployment fails.
+    # Resources the template is booted with; instances created from it get the same.
+    cpu: float = 1.0
+    memory_gb: float = 0.5
+    # Seconds a template build may take; a required build that takes longer fails
+    # the deployment.
     template_timeout_s: float = 1_800.0
 
 
