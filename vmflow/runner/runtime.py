@@ -301,12 +301,18 @@ class Runtime:
         # From here until the waitpoint is final the instance may be
         # snapshotted and restored at any moment, so every request is short
         # and the identity is checked before each poll and once more at the end.
+        # check_identity() sends resume after every restore. A wait without a
+        # restore sends it at the end, so the supervisor learns the runner
+        # continues in place.
+        resumed = False
         try:
             while True:
-                self.check_identity()
+                resumed = self.check_identity() or resumed
                 current = self.channel.request("GET", self._path(f"/waitpoints/{waitpoint_id}"))
                 if current["status"] != "PENDING":
-                    self.check_identity()
+                    resumed = self.check_identity() or resumed
+                    if not resumed:
+                        self.call("POST", "/resume", {"waitpoint_id": waitpoint_id})
                     return self._result(current)
                 time.sleep(self.wait_poll_interval_s)
         finally:

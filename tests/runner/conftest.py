@@ -1,0 +1,362 @@
+"""Fixtures of the runner tests: a real workload API server and an instance channel.
+
+`workload_server` serves the workload router with uvicorn on 127.0.0.1 over a
+migrated SQLite file and records run events in memory. `FakeChannel` is a
+channel server on a Unix socket with the contract of the gateway's channel
+(`/_gateway/instance`, `/_gateway/ready`, a proxy that adds the workload
+token), so the runner agent can run as a host process; tests of the real
+sandbox use the gateway's own channel instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from vmflow.api.events import RecordingRunEvents
+from vmflow.api.tokens import issue_workload_token
+from vmflow.api.workload import install_workload_api
+from vmflow.storage.db import create_engine_from_url, session_factory, session_scope
+from vmflow.storage.models import (
+    Deployment,
+    Organization,
+    Project,
+    RunLogLine,
+    TaskRun,
+    Waitpoint,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_TASKS_DIR = Path(__file__).parent / "sample_tasks"
+EXAMPLES_DIR = REPO_ROOT / "examples"
+
+ResultT = TypeVar("ResultT")
+
+
+def wait_until(probe: Callable[[], ResultT | None], *, timeout_s: float, message: str) -> ResultT:
+    """Call `probe` every 50 ms until it returns a truthy value; fail at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s: {message}", pytrace=False)
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------
+# Workload API server
+
+
+@dataclass
+class WorkloadServer:
+    url: str
+    secret: str
+    sessions: sessionmaker[Session]
+    events: RecordingRunEvents
+
+    def token(self, run_id: str, deployment_id: str, ttl_s: int = 3600) -> str:
+        return issue_workload_token(self.secret, run_id, deployment_id, ttl_s)
+
+    def create_run(self, task_id: str, payload: Any = None) -> TaskRun:
+        """Insert an organization, project, deployment and a PENDING run of `task_id`."""
+        suffix = uuid.uuid4().hex[:10]
+        with session_scope(self.sessions) as session:
+            organization = Organization(slug=f"org-{suffix}")
+            session.add(organization)
+            session.flush()
+            project = Project(organization_id=organization.id, slug=f"proj-{suffix}")
+            session.add(project)
+            session.flush()
+            deployment = Deployment(project_id=project.id, version="1", image=f"img-{suffix}:1")
+            session.add(deployment)
+            session.flush()
+            run = TaskRun(deployment_id=deployment.id, task_id=task_id, payload=payload)
+            session.add(run)
+            session.flush()
+            session.expunge(run)
+            return run
+
+    def get_run(self, run_id: str) -> TaskRun:
+        with session_scope(self.sessions) as session:
+            run = session.get(TaskRun, run_id)
+            assert run is not None, f"run {run_id} not found"
+            session.expunge(run)
+            return run
+
+    def waitpoints(self, run_id: str) -> list[Waitpoint]:
+        with session_scope(self.sessions) as session:
+            rows = list(
+                session.scalars(
+                    select(Waitpoint)
+                    .where(Waitpoint.run_id == run_id)
+                    .order_by(Waitpoint.created_at)
+                )
+            )
+            for row in rows:
+                session.expunge(row)
+            return rows
+
+    def log_messages(self, run_id: str) -> list[str]:
+        with session_scope(self.sessions) as session:
+            return list(
+                session.scalars(
+                    select(RunLogLine.message)
+                    .where(RunLogLine.run_id == run_id)
+                    .order_by(RunLogLine.id)
+                )
+            )
+
+
+def _serve(app: FastAPI) -> tuple[uvicorn.Server, threading.Thread, str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, timeout_s=15, message="uvicorn did not start")
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def running_workload_server(sessions: sessionmaker[Session]) -> Iterator[WorkloadServer]:
+    events = RecordingRunEvents()
+    secret = f"secret-{uuid.uuid4().hex}"
+    app = FastAPI()
+    install_workload_api(app, session_factory=sessions, events=events, secret=secret)
+    server, thread, url = _serve(app)
+    try:
+        yield WorkloadServer(url=url, secret=secret, sessions=sessions, events=events)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture
+def workload_server(sqlite_database_url: str) -> Iterator[WorkloadServer]:
+    """The workload API on 127.0.0.1 over a migrated SQLite file, events recorded in memory."""
+    engine = create_engine_from_url(sqlite_database_url)
+    try:
+        with running_workload_server(session_factory(engine)) as server:
+            yield server
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def workload_server_any_db(db_session_factory: sessionmaker[Session]) -> Iterator[WorkloadServer]:
+    """The workload API over `database_url`, once per backend (SQLite and PostgreSQL)."""
+    with running_workload_server(db_session_factory) as server:
+        yield server
+
+
+# ---------------------------------------------------------------------------
+# Instance channel
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+@dataclass
+class FakeChannel:
+    """A channel server on a Unix socket with the gateway channel's routes.
+
+    `close()` stops accepting and removes the socket, as the gateway does
+    while it takes a snapshot; `open()` serves again. `restore()` applies a
+    restore's metadata: a new runner id and a higher generation.
+    """
+
+    socket_path: Path
+    identity: dict[str, Any] = field(default_factory=dict)
+    workload_url: str = ""
+    workload_token: str = ""
+    ready_count: int = 0
+    _server: _UnixHTTPServer | None = None
+    _thread: threading.Thread | None = None
+
+    def set_run(self, server: WorkloadServer, run: TaskRun, runner_id: str) -> None:
+        self.workload_url = server.url
+        self.workload_token = server.token(run.id, run.deployment_id)
+        self.identity["env"] = {
+            "VMFLOW_RUN_ID": run.id,
+            "VMFLOW_RUNNER_ID": runner_id,
+            "VMFLOW_DEPLOYMENT_ID": run.deployment_id,
+        }
+
+    def restore(self, runner_id: str, snapshot_id: str) -> None:
+        self.identity = {
+            **self.identity,
+            "id": f"inst-{uuid.uuid4().hex[:8]}",
+            "env": {**self.identity["env"], "VMFLOW_RUNNER_ID": runner_id},
+            "metadata": {"VMFLOW_RUNNER_ID": runner_id},
+            "generation": self.identity["generation"] + 1,
+            "restored_from": snapshot_id,
+        }
+
+    def open(self) -> None:
+        channel = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if self.path == "/_gateway/instance" and self.command == "GET":
+                    self._reply(200, json.dumps(channel.identity).encode(), "application/json")
+                    return
+                if self.path == "/_gateway/ready" and self.command == "POST":
+                    channel.ready_count += 1
+                    self._reply(204, b"", "application/json")
+                    return
+                if not channel.workload_url:
+                    self._reply(502, b'{"detail": "no workload URL yet"}', "application/json")
+                    return
+                response = httpx.request(
+                    self.command,
+                    channel.workload_url + self.path,
+                    content=body,
+                    headers={
+                        "Authorization": f"Bearer {channel.workload_token}",
+                        "Content-Type": "application/json",
+                    },
+                    timeout=30,
+                )
+                self._reply(
+                    response.status_code,
+                    response.content,
+                    response.headers.get("content-type", "application/json"),
+                )
+
+            do_GET = _handle
+            do_POST = _handle
+
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        self._server = _UnixHTTPServer(str(self.socket_path), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+
+@pytest.fixture
+def fake_channel() -> Iterator[FakeChannel]:
+    # AF_UNIX paths are limited to 108 bytes, so the socket lives under /tmp.
+    directory = Path(f"/tmp/vmflow-channel-{uuid.uuid4().hex[:12]}")
+    directory.mkdir()
+    channel = FakeChannel(
+        socket_path=directory / "channel.sock",
+        identity={
+            "id": f"inst-{uuid.uuid4().hex[:8]}",
+            "name": "test-instance",
+            "image": "sample:1",
+            "env": {},
+            "metadata": {},
+            "generation": 0,
+            "restored_from": None,
+        },
+    )
+    channel.open()
+    try:
+        yield channel
+    finally:
+        channel.close()
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
+# ---------------------------------------------------------------------------
+# Agent processes
+
+
+@dataclass
+class AgentProcess:
+    process: subprocess.Popen[bytes]
+    stderr_path: Path
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_exit(self, timeout_s: float = 60) -> int:
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"runner agent did not exit within {timeout_s} s; stderr:\n{self.stderr()}",
+                pytrace=False,
+            )
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Start `python -m vmflow.runner.agent` on a channel with the given task modules."""
+    started: list[AgentProcess] = []
+
+    def start(
+        channel: FakeChannel, modules: str = "sample_tasks", path: Path = SAMPLE_TASKS_DIR
+    ) -> AgentProcess:
+        stderr_path = tmp_path / f"agent-{len(started)}.stderr"
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": os.pathsep.join([str(path), str(REPO_ROOT)]),
+            "VMFLOW_CHANNEL": str(channel.socket_path),
+            "VMFLOW_TASK_MODULES": modules,
+        }
+        with stderr_path.open("wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "vmflow.runner.agent"],
+                cwd=path,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        agent = AgentProcess(process, stderr_path)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.process.poll() is None:
+            agent.process.kill()
+            agent.process.wait(timeout=10)

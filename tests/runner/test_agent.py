@@ -1,0 +1,262 @@
+"""The runner agent as a host process against a real workload API, over a test channel.
+
+Each waitpoint test runs for a sync and an async task with the same checks.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from tests.runner.conftest import (
+    AgentProcess,
+    FakeChannel,
+    WorkloadServer,
+    wait_until,
+)
+from vmflow.api.waitpoints import WaitpointStateError, complete_token
+from vmflow.storage.db import session_scope
+from vmflow.storage.models import TaskRunStatus, Waitpoint, WaitpointKind, WaitpointStatus
+
+StartAgent = Callable[..., AgentProcess]
+
+FLAVORS = ["sync", "async"]
+
+
+def _runner_id() -> str:
+    return f"runner-{uuid.uuid4().hex[:8]}"
+
+
+def _wait_for_suspend(server: WorkloadServer, run_id: str, agent: AgentProcess) -> Waitpoint:
+    """Wait until the runner has asked to suspend; return its waitpoint."""
+
+    def suspended() -> Waitpoint | None:
+        if agent.process.poll() is not None:
+            pytest.fail(f"agent exited early; stderr:\n{agent.stderr()}", pytrace=False)
+        if not server.events.for_run(run_id, "suspend_requested"):
+            return None
+        return server.waitpoints(run_id)[-1]
+
+    return wait_until(suspended, timeout_s=30, message=f"run {run_id} never asked to suspend")
+
+
+def _complete(server: WorkloadServer, waitpoint_id: str, output: object) -> None:
+    with session_scope(server.sessions) as session:
+        complete_token(session, waitpoint_id, output)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_token_wait_continues_in_place(
+    flavor: str, workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+) -> None:
+    run = workload_server.create_run(f"token-{flavor}", {"timeout_s": 600})
+    runner_id = _runner_id()
+    fake_channel.set_run(workload_server, run, runner_id)
+    agent = start_agent(fake_channel)
+
+    waitpoint = _wait_for_suspend(workload_server, run.id, agent)
+    assert waitpoint.kind is WaitpointKind.TOKEN
+    assert workload_server.get_run(run.id).status is TaskRunStatus.SUSPENDING
+    _complete(workload_server, waitpoint.id, {"approver": "ada", "note": "ship it"})
+
+    assert agent.wait_exit() == 0, agent.stderr()
+    finished = workload_server.get_run(run.id)
+    assert finished.status is TaskRunStatus.COMPLETED, finished.error
+    assert finished.output["token_output"] == {"approver": "ada", "note": "ship it"}
+    assert finished.output["memory"]["runner_id"] == runner_id
+    assert finished.output["finished_as"] == runner_id
+    names = [event.name for event in workload_server.events.for_run(run.id)]
+    assert names == ["runner_started", "suspend_requested", "runner_resumed", "runner_finished"]
+    marker = finished.output["memory"]["marker"]
+    assert f"vmflow.task.token-{flavor}: memory marker {marker}" in workload_server.log_messages(
+        run.id
+    )
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_token_wait_adopts_restored_identity(
+    flavor: str, workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+) -> None:
+    run = workload_server.create_run(f"token-{flavor}", {"timeout_s": 600})
+    first_runner = _runner_id()
+    fake_channel.set_run(workload_server, run, first_runner)
+    agent = start_agent(fake_channel)
+    waitpoint = _wait_for_suspend(workload_server, run.id, agent)
+
+    # What a snapshot and restore look like from inside: the channel goes
+    # away, then comes back with a new runner id and a higher generation.
+    fake_channel.close()
+    second_runner = _runner_id()
+    fake_channel.restore(second_runner, snapshot_id=f"snap-{uuid.uuid4().hex[:8]}")
+    _complete(workload_server, waitpoint.id, "approved")
+    fake_channel.open()
+
+    assert agent.wait_exit() == 0, agent.stderr()
+    finished = workload_server.get_run(run.id)
+    assert finished.status is TaskRunStatus.COMPLETED, finished.error
+    assert finished.runner_id == second_runner
+    assert finished.output["token_output"] == "approved"
+    assert finished.output["memory"]["runner_id"] == first_runner
+    assert finished.output["finished_as"] == second_runner
+    resumed = workload_server.events.for_run(run.id, "runner_resumed")
+    assert [event.runner_id for event in resumed] == [second_runner]
+    assert resumed[0].details == {"waitpoint_id": waitpoint.id}
+    finished_events = workload_server.events.for_run(run.id, "runner_finished")
+    assert [event.runner_id for event in finished_events] == [second_runner]
+    assert any(
+        "woke inside a restored snapshot" in line for line in workload_server.log_messages(run.id)
+    )
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_duration_wait_completes(
+    flavor: str, workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+) -> None:
+    run = workload_server.create_run(f"duration-{flavor}", {"seconds": 0.3})
+    fake_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(fake_channel)
+
+    assert agent.wait_exit() == 0, agent.stderr()
+    finished = workload_server.get_run(run.id)
+    assert finished.status is TaskRunStatus.COMPLETED, finished.error
+    assert finished.output["waits"] == 2
+    waitpoints = workload_server.waitpoints(run.id)
+    assert [waitpoint.kind for waitpoint in waitpoints] == [WaitpointKind.DURATION] * 2
+    assert all(waitpoint.status is WaitpointStatus.COMPLETED for waitpoint in waitpoints)
+    assert len({waitpoint.idempotency_key for waitpoint in waitpoints}) == 2
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_token_timeout_fails_run(
+    flavor: str, workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+) -> None:
+    run = workload_server.create_run(f"token-{flavor}", {"timeout_s": 0.2})
+    fake_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(fake_channel)
+
+    assert agent.wait_exit() == 0, agent.stderr()
+    failed = workload_server.get_run(run.id)
+    assert failed.status is TaskRunStatus.FAILED
+    assert failed.error["name"] == "vmflow.runner.errors.WaitpointTimeoutError"
+    assert "was not completed before its timeout" in failed.error["message"]
+    assert workload_server.waitpoints(run.id)[0].status is WaitpointStatus.TIMED_OUT
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_task_exception_fails_run(
+    flavor: str, workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+) -> None:
+    run = workload_server.create_run(f"raises-{flavor}", {"rows": 3})
+    fake_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(fake_channel)
+
+    assert agent.wait_exit() == 0, agent.stderr()
+    failed = workload_server.get_run(run.id)
+    assert failed.status is TaskRunStatus.FAILED
+    assert failed.error["name"] == "ValueError"
+    assert failed.error["message"] == "bad input {'rows': 3}"
+    assert 'raise ValueError(f"bad input {payload!r}")' in failed.error["traceback"]
+    assert f"vmflow.task.raises-{flavor}: about to fail" in workload_server.log_messages(run.id)
+    assert [event.name for event in workload_server.events.for_run(run.id)] == [
+        "runner_started",
+        "runner_finished",
+    ]
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_output_not_json_fails_run(
+    flavor: str, workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+) -> None:
+    run = workload_server.create_run(f"bad-output-{flavor}")
+    fake_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(fake_channel)
+
+    assert agent.wait_exit() == 0, agent.stderr()
+    failed = workload_server.get_run(run.id)
+    assert failed.status is TaskRunStatus.FAILED
+    assert failed.error["name"] == "vmflow.runner.errors.TaskOutputError"
+    assert "not JSON-serializable" in failed.error["message"]
+    assert f"bad-output-{flavor}" in failed.error["message"]
+
+
+def test_unknown_task_fails_run_listing_ids(
+    workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+) -> None:
+    run = workload_server.create_run("no-such-task")
+    fake_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(fake_channel)
+
+    assert agent.wait_exit() == 0, agent.stderr()
+    failed = workload_server.get_run(run.id)
+    assert failed.status is TaskRunStatus.FAILED
+    assert failed.error["name"] == "vmflow.runner.errors.UnknownTaskError"
+    assert "'no-such-task' is not defined in this image" in failed.error["message"]
+    assert "echo, raises-async, raises-sync, token-async, token-sync" in failed.error["message"]
+
+
+def test_blocking_wait_in_async_task_fails_run(
+    workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+) -> None:
+    run = workload_server.create_run("blocking-wait-in-async")
+    fake_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(fake_channel)
+
+    assert agent.wait_exit() == 0, agent.stderr()
+    failed = workload_server.get_run(run.id)
+    assert failed.error["name"] == "vmflow.runner.errors.WaitInEventLoopError"
+    assert "await wait.for_token_async(...)" in failed.error["message"]
+    assert workload_server.waitpoints(run.id) == []
+
+
+def test_import_error_fails_run(
+    workload_server: WorkloadServer,
+    fake_channel: FakeChannel,
+    start_agent: StartAgent,
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    run = workload_server.create_run("echo", {"x": 1})
+    fake_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(fake_channel, modules="sample_tasks,missing_module_for_test")
+
+    assert agent.wait_exit() == 0, agent.stderr()
+    failed = workload_server.get_run(run.id)
+    assert failed.status is TaskRunStatus.FAILED
+    assert failed.error["name"] == "ModuleNotFoundError"
+    assert "importing task module 'missing_module_for_test' failed" in failed.error["message"]
+
+
+def test_agent_waits_for_run_after_ready(
+    workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+) -> None:
+    agent = start_agent(fake_channel)
+    wait_until(lambda: fake_channel.ready_count == 1, timeout_s=30, message="agent never ready")
+    assert agent.process.poll() is None
+
+    # As a template restored into a real instance: the identity now names a run.
+    run = workload_server.create_run("echo", {"hello": "world"})
+    fake_channel.set_run(workload_server, run, _runner_id())
+
+    assert agent.wait_exit() == 0, agent.stderr()
+    finished = workload_server.get_run(run.id)
+    assert finished.status is TaskRunStatus.COMPLETED
+    assert finished.output == {"hello": "world"}
+
+
+def test_token_completed_twice_keeps_first_output(
+    workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+) -> None:
+    run = workload_server.create_run("token-sync", {"timeout_s": 600})
+    fake_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(fake_channel)
+    waitpoint = _wait_for_suspend(workload_server, run.id, agent)
+
+    _complete(workload_server, waitpoint.id, "first")
+    with pytest.raises(WaitpointStateError, match="already COMPLETED") as raised:
+        _complete(workload_server, waitpoint.id, "second")
+    assert waitpoint.id in str(raised.value)
+
+    assert agent.wait_exit() == 0, agent.stderr()
+    assert workload_server.get_run(run.id).output["token_output"] == "first"
+    assert workload_server.waitpoints(run.id)[0].output == "first"
