@@ -103,9 +103,7 @@ class Orchestrator:
         workflow_id = deploy_workflow_id(deployment_id)
         started = await self._start(
             contract.DEPLOY_TEMPLATE_WORKFLOW,
-            contract.DeployTemplateInput(
-                deployment_id=deployment_id, trace_context=_trace_context()
-            ),
+            contract.DeployTemplateInput(deployment_id=deployment_id),
             workflow_id,
             static_summary=summary,
             search_attributes=TypedSearchAttributes(
