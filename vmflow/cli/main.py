@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from vmflow import __version__
-from vmflow.cli import db
+from vmflow.cli import db, gateway, image
 
 app = typer.Typer(
     name="vmflow",
@@ -15,6 +15,8 @@ app = typer.Typer(
 
 
 app.add_typer(db.app, name="db")
+app.add_typer(gateway.app, name="gateway")
+app.add_typer(image.app, name="image")
 
 
 @app.command()

@@ -98,6 +98,19 @@ class ImageStore:
         manifest = _read_manifest(path / "manifest.json")
         return Image(manifest=replace(manifest, name=name, tag=tag), path=path)
 
+    def resolve_digest(self, digest: str, reference: str) -> Image:
+        """Return the image with `digest`, the one a snapshot or template was taken from."""
+        path = self._digest_path(digest)
+        if not (path / "manifest.json").is_file():
+            raise NotFoundError(
+                f"image {reference} with digest {digest} is no longer in the image store "
+                f"{self.root}; rebuild it from the same project directory"
+            )
+        name, tag = split_reference(reference)
+        return Image(
+            manifest=replace(_read_manifest(path / "manifest.json"), name=name, tag=tag), path=path
+        )
+
     def list(self) -> list[ImageManifest]:
         """Return the manifest of every tag in the store, sorted by name and tag."""
         manifests: list[ImageManifest] = []
