@@ -389,7 +389,7 @@ async def append_logs(run_id: str, body: LogsRequest, claims: Claims, state: Sta
     for line in body.lines:
         if line.ts.utcoffset() is None:
             raise api_error(
-                status.HTTP_422_UNPROCESSABLE_ENTITY,
+                422,
                 "invalid_log_line",
                 f"log line timestamp {line.ts.isoformat()} has no UTC offset",
             )
@@ -437,9 +437,7 @@ async def create_run_waitpoint(
                 timeout_at=timeout_at,
             )
         except WaitpointError as error:
-            raise api_error(
-                status.HTTP_422_UNPROCESSABLE_ENTITY, "invalid_waitpoint", str(error)
-            ) from error
+            raise api_error(422, "invalid_waitpoint", str(error)) from error
         if waitpoint.kind is not body.kind:
             raise api_error(
                 status.HTTP_409_CONFLICT,
