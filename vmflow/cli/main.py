@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from vmflow import __version__
-from vmflow.cli import db, gateway, image
+from vmflow.cli import api, db, deploy, gateway, image, runs
 
 app = typer.Typer(
     name="vmflow",
@@ -17,6 +17,11 @@ app = typer.Typer(
 app.add_typer(db.app, name="db")
 app.add_typer(gateway.app, name="gateway")
 app.add_typer(image.app, name="image")
+app.add_typer(api.app, name="api")
+app.command()(deploy.deploy)
+app.command()(runs.trigger)
+app.add_typer(runs.runs_app, name="runs")
+app.add_typer(runs.waitpoint_app, name="waitpoint")
 
 
 @app.command()

@@ -1,0 +1,101 @@
+"""Local state of the CLI: the secrets `vmflow dev` generates and where the API listens.
+
+`vmflow dev` writes `secrets.json` (mode 0600) into the data directory once and
+passes the values to every process it starts; the other commands read the API
+key from VMFLOW_API_KEY or, when that is unset, from the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vmflow.config import default_data_dir
+
+SECRETS_FILE = "secrets.json"
+DEFAULT_API_URL = "http://127.0.0.1:8080"
+
+
+class LocalStateError(RuntimeError):
+    """Local state is missing or unreadable; the message says how to create it."""
+
+
+@dataclass(frozen=True)
+class LocalSecrets:
+    """The secrets one machine's stack shares between its processes."""
+
+    api_key: str
+    workload_secret: str
+    callback_secret: str
+    gateway_token: str
+
+    def environment(self) -> dict[str, str]:
+        """Return the environment variables that hand these secrets to each process."""
+        return {
+            "VMFLOW_API_KEY": self.api_key,
+            "VMFLOW_WORKLOAD_SECRET": self.workload_secret,
+            "VMFLOW_CALLBACK_SECRET": self.callback_secret,
+            "VMFLOW_GATEWAY_CALLBACK_SECRET": self.callback_secret,
+            "COMPUTE_GATEWAY_AUTH_TOKEN": self.gateway_token,
+            "VMFLOW_GATEWAY_AUTH_TOKEN": self.gateway_token,
+        }
+
+
+def secrets_path(data_dir: Path | None = None) -> Path:
+    return (data_dir or default_data_dir()) / SECRETS_FILE
+
+
+def load_or_create_secrets(data_dir: Path | None = None) -> LocalSecrets:
+    """Read the stack's secrets, generating and storing them (mode 0600) on first use."""
+    path = secrets_path(data_dir)
+    if path.is_file():
+        return read_secrets(path)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = LocalSecrets(
+        api_key=secrets.token_urlsafe(32),
+        workload_secret=secrets.token_urlsafe(32),
+        callback_secret=secrets.token_urlsafe(32),
+        gateway_token=secrets.token_urlsafe(32),
+    )
+    # O_EXCL: when two commands start at once, one creates the file and the
+    # other reads what it wrote.
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return read_secrets(path)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(asdict(created), file)
+    return created
+
+
+def read_secrets(path: Path) -> LocalSecrets:
+    try:
+        data = json.loads(path.read_text())
+        return LocalSecrets(**data)
+    except (OSError, ValueError, TypeError) as error:
+        raise LocalStateError(
+            f"cannot read the local secrets in {path}: {error}; delete the file and run "
+            "`vmflow dev` again to generate new ones"
+        ) from error
+
+
+def resolve_api_key(data_dir: Path | None = None) -> str:
+    """Return VMFLOW_API_KEY, else the key `vmflow dev` stored, else raise `LocalStateError`."""
+    configured = os.environ.get("VMFLOW_API_KEY")
+    if configured:
+        return configured
+    path = secrets_path(data_dir)
+    if path.is_file():
+        return read_secrets(path).api_key
+    raise LocalStateError(
+        f"no API key: VMFLOW_API_KEY is unset and {path} does not exist; start the local "
+        "stack with `vmflow dev` or set VMFLOW_API_KEY"
+    )
+
+
+def resolve_api_url() -> str:
+    return os.environ.get("VMFLOW_API_URL", DEFAULT_API_URL).rstrip("/")
