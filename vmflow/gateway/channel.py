@@ -101,14 +101,19 @@ class ChannelServer:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # NOTE: a Unix socket path is limited to 107 bytes, so the socket is bound through
+        # /proc/self/fd/<directory fd>/<name>, which stays short however deep the directory is.
+        directory_fd = os.open(self.socket_path.parent, os.O_PATH | os.O_DIRECTORY)
         try:
-            listener.bind(str(self.socket_path))
+            listener.bind(f"/proc/self/fd/{directory_fd}/{self.socket_path.name}")
             os.chmod(self.socket_path, 0o666)
             listener.listen(64)
             self._server = await asyncio.start_unix_server(self._handle, sock=listener)
         except BaseException:
             listener.close()
             raise
+        finally:
+            os.close(directory_fd)
         logger.debug("channel %s accepting on %s", self.label, self.socket_path)
 
     async def pause(self, timeout_s: float = 10.0) -> None:

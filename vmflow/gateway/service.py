@@ -45,6 +45,7 @@ from vmflow.gateway.errors import (
     ImageError,
     InvalidRequestError,
     NotFoundError,
+    SandboxError,
     SnapshotsUnavailableError,
 )
 from vmflow.gateway.images import Image, ImageStore
@@ -219,6 +220,9 @@ class Gateway:
 
     def instance_output(self, instance_id: str, tail_bytes: int | None = None) -> bytes:
         record = self._instance(instance_id)
+        return self._read_output(record, tail_bytes)
+
+    def _read_output(self, record: InstanceRecord, tail_bytes: int | None) -> bytes:
         path = self.driver.output_path(self._instance_dir(record.id))
         try:
             with path.open("rb") as handle:
@@ -422,6 +426,8 @@ class Gateway:
             logger.error("instance %s (%s) failed to start: %s", record.id, record.name, error)
             await self._teardown(record)
             self._forget_instance(record)
+            if isinstance(error, OSError):
+                raise SandboxError(f"cannot start instance '{record.name}': {error}") from error
             raise
 
         record.runtime = asdict(runtime)
@@ -651,7 +657,7 @@ class Gateway:
         deadline = time.monotonic() + self.settings.ready_timeout_s
         while not ready.is_set():
             if record.state != InstanceState.RUNNING:
-                output = self.instance_output(record.id, tail_bytes=800).decode(errors="replace")
+                output = self._read_output(record, tail_bytes=800).decode(errors="replace")
                 raise GatewayError(
                     f"the runtime of image {record.image} exited before it reported ready "
                     f"(exit code {record.exit_code}); its output ends with: {output.strip()}"
