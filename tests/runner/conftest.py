@@ -75,6 +75,12 @@ class WorkloadServer:
     secret: str
     sessions: sessionmaker[Session]
     events: RecordingRunEvents
+    callbacks: list[dict[str, Any]]
+
+    @property
+    def callback_url(self) -> str:
+        """A route of this server that keeps every gateway callback posted to it."""
+        return f"{self.url}/test-callbacks"
 
     def token(self, run_id: str, deployment_id: str, ttl_s: int = 3600) -> str:
         return issue_workload_token(self.secret, run_id, deployment_id, ttl_s)
@@ -144,11 +150,19 @@ def _serve(app: FastAPI) -> tuple[uvicorn.Server, threading.Thread, str]:
 def running_workload_server(sessions: sessionmaker[Session]) -> Iterator[WorkloadServer]:
     events = RecordingRunEvents()
     secret = f"secret-{uuid.uuid4().hex}"
+    callbacks: list[dict[str, Any]] = []
     app = FastAPI()
     install_workload_api(app, session_factory=sessions, events=events, secret=secret)
+
+    @app.post("/test-callbacks", status_code=204)
+    async def keep_callback(body: dict[str, Any]) -> None:
+        callbacks.append(body)
+
     server, thread, url = _serve(app)
     try:
-        yield WorkloadServer(url=url, secret=secret, sessions=sessions, events=events)
+        yield WorkloadServer(
+            url=url, secret=secret, sessions=sessions, events=events, callbacks=callbacks
+        )
     finally:
         server.should_exit = True
         thread.join(timeout=15)
