@@ -41,7 +41,7 @@ class MonthSummary:
 
 @dataclass(frozen=True)
 class Aggregates:
-    """What the task keeps in memory across the wait."""
+    """Monthly summaries and extremes, kept only in memory across the wait."""
 
     aggregation_id: str
     aggregated_at: str

@@ -1,32 +1,28 @@
 """Fixtures of the runner tests: a real workload API server and an instance channel.
 
 `workload_server` serves the workload router with uvicorn on 127.0.0.1 over a
-migrated SQLite file and records run events in memory. `FakeChannel` is a
-channel server on a Unix socket with the contract of the gateway's channel
-(`/_gateway/instance`, `/_gateway/ready`, a proxy that adds the workload
-token), so the runner agent can run as a host process; tests of the real
-sandbox use the gateway's own channel instead.
+migrated SQLite file and records run events in memory. `host_channel` runs
+the gateway's channel server on a Unix socket of the host, so the runner
+agent can run as a host process. Tests of the real sandbox go through the
+whole gateway instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import http.server
-import json
 import os
 import socket
-import socketserver
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -36,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from vmflow.api.events import RecordingRunEvents
 from vmflow.api.tokens import issue_workload_token
 from vmflow.api.workload import install_workload_api
+from vmflow.gateway.channel import ChannelServer
 from vmflow.storage.db import create_engine_from_url, session_factory, session_scope
 from vmflow.storage.models import (
     Deployment,
@@ -190,30 +187,45 @@ def workload_server_any_db(db_session_factory: sessionmaker[Session]) -> Iterato
 # Instance channel
 
 
-class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-
 @dataclass
-class FakeChannel:
-    """A channel server on a Unix socket with the gateway channel's routes.
+class HostChannel:
+    """The gateway's `ChannelServer` for an agent that runs as a host process.
 
-    `close()` stops accepting and removes the socket, as the gateway does
-    while it takes a snapshot; `open()` serves again. `restore()` applies a
-    restore's metadata: a new runner id and a higher generation.
+    The server runs on an event loop in a thread of its own. `pause()` stops
+    accepting, as the gateway does while it takes a snapshot, and `resume()`
+    accepts again. `restore()` applies a restore's metadata: a new runner id
+    and a higher generation.
     """
 
     socket_path: Path
-    identity: dict[str, Any] = field(default_factory=dict)
-    workload_url: str = ""
-    workload_token: str = ""
+    identity: dict[str, Any]
     ready_count: int = 0
-    _server: _UnixHTTPServer | None = None
-    _thread: threading.Thread | None = None
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    _server: ChannelServer | None = None
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        self._server = ChannelServer(
+            self.socket_path,
+            identity=lambda: self.identity,
+            on_ready=self._count_ready,
+            label="test-channel",
+        )
+        self._call(self._server.start())
+
+    def _count_ready(self) -> None:
+        self.ready_count += 1
+
+    def _call(self, coroutine: Coroutine[Any, Any, ResultT]) -> ResultT:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
+
+    @property
+    def server(self) -> ChannelServer:
+        assert self._server is not None, "the channel is not started"
+        return self._server
 
     def set_run(self, server: WorkloadServer, run: TaskRun, runner_id: str) -> None:
-        self.workload_url = server.url
-        self.workload_token = server.token(run.id, run.deployment_id)
+        self.server.set_workload(server.url, server.token(run.id, run.deployment_id))
         self.identity["env"] = {
             "VMFLOW_RUN_ID": run.id,
             "VMFLOW_RUNNER_ID": runner_id,
@@ -230,76 +242,23 @@ class FakeChannel:
             "restored_from": snapshot_id,
         }
 
-    def open(self) -> None:
-        channel = self
+    def pause(self) -> None:
+        self._call(self.server.pause())
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, body: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                if self.path == "/_gateway/instance" and self.command == "GET":
-                    self._reply(200, json.dumps(channel.identity).encode(), "application/json")
-                    return
-                if self.path == "/_gateway/ready" and self.command == "POST":
-                    channel.ready_count += 1
-                    self._reply(204, b"", "application/json")
-                    return
-                if not channel.workload_url:
-                    self._reply(502, b'{"detail": "no workload URL yet"}', "application/json")
-                    return
-                response = httpx.request(
-                    self.command,
-                    channel.workload_url + self.path,
-                    content=body,
-                    headers={
-                        "Authorization": f"Bearer {channel.workload_token}",
-                        "Content-Type": "application/json",
-                    },
-                    timeout=30,
-                )
-                self._reply(
-                    response.status_code,
-                    response.content,
-                    response.headers.get("content-type", "application/json"),
-                )
-
-            do_GET = _handle
-            do_POST = _handle
-
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
-        self._server = _UnixHTTPServer(str(self.socket_path), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+    def resume(self) -> None:
+        self._call(self.server.resume())
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+            self._call(self._server.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
 
 
 @pytest.fixture
-def fake_channel() -> Iterator[FakeChannel]:
+def host_channel() -> Iterator[HostChannel]:
     # AF_UNIX paths are limited to 108 bytes, so the socket lives under /tmp.
     directory = Path(f"/tmp/vmflow-channel-{uuid.uuid4().hex[:12]}")
-    directory.mkdir()
-    channel = FakeChannel(
+    channel = HostChannel(
         socket_path=directory / "channel.sock",
         identity={
             "id": f"inst-{uuid.uuid4().hex[:8]}",
@@ -311,7 +270,7 @@ def fake_channel() -> Iterator[FakeChannel]:
             "restored_from": None,
         },
     )
-    channel.open()
+    channel.start()
     try:
         yield channel
     finally:
@@ -348,7 +307,7 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
     def start(
-        channel: FakeChannel, modules: str = "sample_tasks", path: Path = SAMPLE_TASKS_DIR
+        channel: HostChannel, modules: str = "sample_tasks", path: Path = SAMPLE_TASKS_DIR
     ) -> AgentProcess:
         stderr_path = tmp_path / f"agent-{len(started)}.stderr"
         env = {

@@ -12,7 +12,7 @@ import pytest
 
 from tests.runner.conftest import (
     AgentProcess,
-    FakeChannel,
+    HostChannel,
     WorkloadServer,
     wait_until,
 )
@@ -49,12 +49,12 @@ def _complete(server: WorkloadServer, waitpoint_id: str, output: object) -> None
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_token_wait_continues_in_place(
-    flavor: str, workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+    flavor: str, workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run(f"token-{flavor}", {"timeout_s": 600})
     runner_id = _runner_id()
-    fake_channel.set_run(workload_server, run, runner_id)
-    agent = start_agent(fake_channel)
+    host_channel.set_run(workload_server, run, runner_id)
+    agent = start_agent(host_channel)
 
     waitpoint = _wait_for_suspend(workload_server, run.id, agent)
     assert waitpoint.kind is WaitpointKind.TOKEN
@@ -77,21 +77,21 @@ def test_token_wait_continues_in_place(
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_token_wait_adopts_restored_identity(
-    flavor: str, workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+    flavor: str, workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run(f"token-{flavor}", {"timeout_s": 600})
     first_runner = _runner_id()
-    fake_channel.set_run(workload_server, run, first_runner)
-    agent = start_agent(fake_channel)
+    host_channel.set_run(workload_server, run, first_runner)
+    agent = start_agent(host_channel)
     waitpoint = _wait_for_suspend(workload_server, run.id, agent)
 
-    # What a snapshot and restore look like from inside: the channel goes
-    # away, then comes back with a new runner id and a higher generation.
-    fake_channel.close()
+    # What a snapshot and restore look like from inside: the channel stops
+    # accepting, then accepts again with a new runner id and a higher generation.
+    host_channel.pause()
     second_runner = _runner_id()
-    fake_channel.restore(second_runner, snapshot_id=f"snap-{uuid.uuid4().hex[:8]}")
+    host_channel.restore(second_runner, snapshot_id=f"snap-{uuid.uuid4().hex[:8]}")
     _complete(workload_server, waitpoint.id, "approved")
-    fake_channel.open()
+    host_channel.resume()
 
     assert agent.wait_exit() == 0, agent.stderr()
     finished = workload_server.get_run(run.id)
@@ -112,11 +112,11 @@ def test_token_wait_adopts_restored_identity(
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_duration_wait_completes(
-    flavor: str, workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+    flavor: str, workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run(f"duration-{flavor}", {"seconds": 0.3})
-    fake_channel.set_run(workload_server, run, _runner_id())
-    agent = start_agent(fake_channel)
+    host_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(host_channel)
 
     assert agent.wait_exit() == 0, agent.stderr()
     finished = workload_server.get_run(run.id)
@@ -130,11 +130,11 @@ def test_duration_wait_completes(
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_token_timeout_fails_run(
-    flavor: str, workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+    flavor: str, workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run(f"token-{flavor}", {"timeout_s": 0.2})
-    fake_channel.set_run(workload_server, run, _runner_id())
-    agent = start_agent(fake_channel)
+    host_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(host_channel)
 
     assert agent.wait_exit() == 0, agent.stderr()
     failed = workload_server.get_run(run.id)
@@ -146,11 +146,11 @@ def test_token_timeout_fails_run(
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_task_exception_fails_run(
-    flavor: str, workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+    flavor: str, workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run(f"raises-{flavor}", {"rows": 3})
-    fake_channel.set_run(workload_server, run, _runner_id())
-    agent = start_agent(fake_channel)
+    host_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(host_channel)
 
     assert agent.wait_exit() == 0, agent.stderr()
     failed = workload_server.get_run(run.id)
@@ -167,11 +167,11 @@ def test_task_exception_fails_run(
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_output_not_json_fails_run(
-    flavor: str, workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+    flavor: str, workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run(f"bad-output-{flavor}")
-    fake_channel.set_run(workload_server, run, _runner_id())
-    agent = start_agent(fake_channel)
+    host_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(host_channel)
 
     assert agent.wait_exit() == 0, agent.stderr()
     failed = workload_server.get_run(run.id)
@@ -182,11 +182,11 @@ def test_output_not_json_fails_run(
 
 
 def test_unknown_task_fails_run_listing_ids(
-    workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+    workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run("no-such-task")
-    fake_channel.set_run(workload_server, run, _runner_id())
-    agent = start_agent(fake_channel)
+    host_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(host_channel)
 
     assert agent.wait_exit() == 0, agent.stderr()
     failed = workload_server.get_run(run.id)
@@ -197,11 +197,11 @@ def test_unknown_task_fails_run_listing_ids(
 
 
 def test_blocking_wait_in_async_task_fails_run(
-    workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+    workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run("blocking-wait-in-async")
-    fake_channel.set_run(workload_server, run, _runner_id())
-    agent = start_agent(fake_channel)
+    host_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(host_channel)
 
     assert agent.wait_exit() == 0, agent.stderr()
     failed = workload_server.get_run(run.id)
@@ -212,13 +212,13 @@ def test_blocking_wait_in_async_task_fails_run(
 
 def test_import_error_fails_run(
     workload_server: WorkloadServer,
-    fake_channel: FakeChannel,
+    host_channel: HostChannel,
     start_agent: StartAgent,
     tmp_path: pytest.TempPathFactory,
 ) -> None:
     run = workload_server.create_run("echo", {"x": 1})
-    fake_channel.set_run(workload_server, run, _runner_id())
-    agent = start_agent(fake_channel, modules="sample_tasks,missing_module_for_test")
+    host_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(host_channel, modules="sample_tasks,missing_module_for_test")
 
     assert agent.wait_exit() == 0, agent.stderr()
     failed = workload_server.get_run(run.id)
@@ -228,15 +228,15 @@ def test_import_error_fails_run(
 
 
 def test_agent_waits_for_run_after_ready(
-    workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+    workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
-    agent = start_agent(fake_channel)
-    wait_until(lambda: fake_channel.ready_count == 1, timeout_s=30, message="agent never ready")
+    agent = start_agent(host_channel)
+    wait_until(lambda: host_channel.ready_count == 1, timeout_s=30, message="agent never ready")
     assert agent.process.poll() is None
 
     # As a template restored into a real instance: the identity now names a run.
     run = workload_server.create_run("echo", {"hello": "world"})
-    fake_channel.set_run(workload_server, run, _runner_id())
+    host_channel.set_run(workload_server, run, _runner_id())
 
     assert agent.wait_exit() == 0, agent.stderr()
     finished = workload_server.get_run(run.id)
@@ -245,11 +245,11 @@ def test_agent_waits_for_run_after_ready(
 
 
 def test_token_completed_twice_keeps_first_output(
-    workload_server: WorkloadServer, fake_channel: FakeChannel, start_agent: StartAgent
+    workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run("token-sync", {"timeout_s": 600})
-    fake_channel.set_run(workload_server, run, _runner_id())
-    agent = start_agent(fake_channel)
+    host_channel.set_run(workload_server, run, _runner_id())
+    agent = start_agent(host_channel)
     waitpoint = _wait_for_suspend(workload_server, run.id, agent)
 
     _complete(workload_server, waitpoint.id, "first")

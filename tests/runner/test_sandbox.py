@@ -1,7 +1,7 @@
 """The example images in real sandboxes of the gateway, against a real workload API.
 
-The test drives the gateway as the run workflow would: once the runner asks
-to suspend it snapshots the instance, deletes it, completes the token, and
+The test drives the gateway as the run workflow would: once the runner requests
+a suspend it snapshots the instance, deletes it, completes the token, and
 restores the snapshot under a new name and runner id. The report the task
 returns proves that its in-memory aggregates survived.
 """
@@ -143,7 +143,7 @@ async def test_sandbox_report_survives_snapshot_restore(
     assert match, f"no aggregation line in the run log:\n{logged}"
     aggregation_id = match.group(1)
 
-    # Snapshot, then delete the instance: the run now holds no compute.
+    # Snapshot, then delete the instance: the run now uses no compute.
     await client.instances.snapshot(
         created.id,
         SnapshotRequest(
