@@ -128,6 +128,7 @@ class Gateway:
                     self._forget_instance(record)
                     continue
                 record.state = InstanceState.EXITED
+                record.exit_code = self.driver.exit_code(runtime) if runtime else None
                 self._instance_store.save(record)
                 logger.info("instance %s exited while the gateway was down", record.id)
                 continue
@@ -485,19 +486,25 @@ class Gateway:
             self._spawn(self._watch_exit(record, runtime))
 
     async def _watch_exit(self, record: InstanceRecord, runtime: Runtime) -> None:
-        exit_code = await self.driver.wait(runtime)
-        if record.state != InstanceState.RUNNING or record.runtime is None:
+        await self.driver.wait(runtime)
+        if record.runtime is None or record.runtime.get("pid") != runtime.pid:
             return
-        if record.runtime.get("pid") != runtime.pid:
+        if record.state == InstanceState.EXITED and record.exit_code is None:
+            # A read noticed the exit first, before the exit status was written.
+            record.exit_code = self.driver.exit_code(runtime)
+            self._instance_store.save(record)
+        if record.state != InstanceState.RUNNING:
             return
         record.state = InstanceState.EXITED
-        record.exit_code = exit_code
+        record.exit_code = self.driver.exit_code(runtime)
         self._instance_store.save(record)
         channel = self._channels.pop(record.id, None)
         if channel is not None:
             await channel.close()
         self._ready.pop(record.id, None)
-        logger.info("instance %s (%s) exited with code %s", record.id, record.name, exit_code)
+        logger.info(
+            "instance %s (%s) exited with code %s", record.id, record.name, record.exit_code
+        )
 
     # Snapshot and template work
 
@@ -686,6 +693,7 @@ class Gateway:
         runtime = self._runtime(record)
         if runtime is None or not self.driver.is_alive(runtime):
             record.state = InstanceState.EXITED
+            record.exit_code = self.driver.exit_code(runtime) if runtime else None
             self._instance_store.save(record)
 
     def _snapshot(self, snapshot_id: str) -> SnapshotRecord:

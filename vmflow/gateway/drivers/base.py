@@ -81,6 +81,10 @@ class Driver(Protocol):
 
     def is_alive(self, runtime: Runtime) -> bool: ...
 
-    async def wait(self, runtime: Runtime) -> int | None:
-        """Wait for the instance to exit; return its exit code when the driver can know it."""
+    async def wait(self, runtime: Runtime) -> None:
+        """Return once the instance's processes have exited."""
+        ...
+
+    def exit_code(self, runtime: Runtime) -> int | None:
+        """Return the exit code of an exited instance, None while it runs or if unknown."""
         ...

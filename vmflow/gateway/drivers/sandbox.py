@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 SANDBOX_UID = 0
 CHANNEL_PATH = "/run/vmflow/channel.sock"
 OUTPUT_PATH = "/run/vmflow/output.log"
+EXIT_STATUS_PATH = "/run/vmflow/exit_status"
 DEV_NODES = ("null", "zero", "full", "random", "urandom")
 START_TIMEOUT_S = 30.0
 CRIU_TIMEOUT_S = 300.0
@@ -248,10 +249,13 @@ class SandboxDriver:
             "hostname sandbox",
             f"exec </dev/null >>{OUTPUT_PATH} 2>&1",
             "cd /app",
-            # setsid: CRIU needs the session leader inside the pid namespace.
+            # PID 1 stays a shell that records the runtime's exit status, so the gateway
+            # learns it even after a restore or its own restart. setsid: CRIU needs the
+            # session leader inside the pid namespace.
             "exec setsid setpriv"
             f" --reuid={SANDBOX_UID} --regid={SANDBOX_UID} --clear-groups"
-            " --inh-caps=-all --ambient-caps=-all --bounding-set=-all --no-new-privs -- "
+            " --inh-caps=-all --ambient-caps=-all --bounding-set=-all --no-new-privs --"
+            f" /bin/sh -c '\"$@\"; echo $? > {EXIT_STATUS_PATH}' vmflow-init "
             + " ".join(shlex.quote(part) for part in command),
         ]
         return "\n".join(lines) + "\n"
@@ -277,7 +281,7 @@ class SandboxDriver:
             await self._abort(launcher, cgroups)
             raise
         logger.info("sandbox %s started: pid %d", spec.instance_id, pid)
-        return self._runtime(pid, launcher, mode="cold")
+        return self._runtime(pid, launcher, spec, mode="cold")
 
     async def restore(self, spec: LaunchSpec, snapshot_dir: Path) -> Runtime:
         criu = self.require_snapshots()
@@ -317,7 +321,7 @@ class SandboxDriver:
             await self._abort(launcher, cgroups)
             raise
         logger.info("sandbox %s restored from %s: pid %d", spec.instance_id, snapshot_dir, pid)
-        return self._runtime(pid, launcher, mode="restore")
+        return self._runtime(pid, launcher, spec, mode="restore")
 
     async def checkpoint(
         self, runtime: Runtime, spec: LaunchSpec, snapshot_dir: Path
@@ -389,15 +393,20 @@ class SandboxDriver:
         start_time = _start_time(runtime.pid)
         return start_time is not None and start_time == runtime.start_time
 
-    async def wait(self, runtime: Runtime) -> int | None:
-        launcher = self._launchers.get(int(runtime.details.get("launcher_pid", "-1")))
-        if launcher is not None and runtime.details.get("mode") == "cold":
-            # unshare exits with its child's status and re-raises a fatal signal.
-            code = await launcher.wait()
-            return code if code >= 0 else 128 - code
+    async def wait(self, runtime: Runtime) -> None:
         while self.is_alive(runtime):
-            await asyncio.sleep(0.2)
-        return None
+            await asyncio.sleep(0.1)
+        launcher = self._launchers.pop(int(runtime.details.get("launcher_pid", "-1")), None)
+        if launcher is not None:
+            await launcher.wait()
+
+    def exit_code(self, runtime: Runtime) -> int | None:
+        """Return the exit status PID 1 recorded (128 + signal for a killed runtime)."""
+        path = Path(runtime.details.get("instance_dir", "/nonexistent")) / "io" / "exit_status"
+        try:
+            return int(path.read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     # Helpers
 
@@ -494,7 +503,9 @@ class SandboxDriver:
         self._launchers.pop(launcher.pid, None)
         await asyncio.to_thread(cgroups.remove)
 
-    def _runtime(self, pid: int, launcher: asyncio.subprocess.Process, *, mode: str) -> Runtime:
+    def _runtime(
+        self, pid: int, launcher: asyncio.subprocess.Process, spec: LaunchSpec, *, mode: str
+    ) -> Runtime:
         start_time = _start_time(pid)
         if start_time is None:
             raise SandboxError(f"sandbox process {pid} exited right after it started")
@@ -502,7 +513,11 @@ class SandboxDriver:
             pid=pid,
             start_time=start_time,
             driver=self.name,
-            details={"launcher_pid": str(launcher.pid), "mode": mode},
+            details={
+                "launcher_pid": str(launcher.pid),
+                "mode": mode,
+                "instance_dir": str(spec.instance_dir),
+            },
         )
 
 
