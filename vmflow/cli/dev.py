@@ -1,0 +1,120 @@
+"""`vmflow dev`: run the whole stack on this machine until Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from vmflow.cli.common import console, error_console
+from vmflow.cli.local import secrets_path
+from vmflow.cli.stack import LocalStack, StackError, StackPorts
+from vmflow.config import default_data_dir
+from vmflow.storage.db import redact_url
+
+# How often the foreground loop checks that every child still runs.
+WATCH_INTERVAL_S = 0.5
+
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(help="Directory for the databases, secrets, images and logs.", show_default=False),
+]
+TemporalPortOption = Annotated[
+    int, typer.Option(min=0, max=65535, help="Temporal gRPC port; 0 picks a free one.")
+]
+TemporalUiPortOption = Annotated[
+    int, typer.Option(min=0, max=65535, help="Temporal UI port; 0 picks a free one.")
+]
+ApiPortOption = Annotated[
+    int, typer.Option(min=0, max=65535, help="Supervisor API port; 0 picks a free one.")
+]
+GatewayPortOption = Annotated[
+    int, typer.Option(min=0, max=65535, help="Gateway port; 0 picks a free one.")
+]
+
+
+def stack_table(stack: LocalStack) -> Table:
+    table = Table(title="vmflow dev", title_justify="left")
+    table.add_column("part")
+    table.add_column("listens at")
+    table.add_column("pid", justify="right")
+    table.add_column("log")
+    for component in stack.components:
+        table.add_row(
+            component.name,
+            component.address,
+            str(component.process.pid),
+            str(component.log_path),
+        )
+    table.add_row("database", redact_url(stack.database_url), "-", "-")
+    return table
+
+
+class _Terminate(Exception):
+    """Raised in the main thread when SIGTERM arrives, so the stack stops like on Ctrl-C."""
+
+
+def _raise_terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminate()
+
+
+def dev(
+    data_dir: DataDirOption = None,
+    temporal_port: TemporalPortOption = 7233,
+    temporal_ui_port: TemporalUiPortOption = 8233,
+    api_port: ApiPortOption = 8080,
+    gateway_port: GatewayPortOption = 8020,
+    snapshot_delay_ms: Annotated[
+        int | None,
+        typer.Option(help="Milliseconds a suspended run waits before it is snapshotted."),
+    ] = None,
+) -> None:
+    """Start Temporal, the database, the gateway, the API and the worker; stop all on Ctrl-C."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    directory = data_dir or default_data_dir()
+    environment = {}
+    if snapshot_delay_ms is not None:
+        environment["COMPUTE_SNAPSHOT_DELAY_MS"] = str(snapshot_delay_ms)
+    stack = LocalStack(
+        directory,
+        StackPorts(temporal_port, temporal_ui_port, api_port, gateway_port),
+        database_url=os.environ.get("DATABASE_URL"),
+        environment=environment,
+    )
+
+    previous = signal.signal(signal.SIGTERM, _raise_terminate)
+    try:
+        with console.status("starting the local stack"):
+            stack.start()
+        console.print(stack_table(stack))
+        console.print(
+            f"API key in {secrets_path(directory)}; "
+            f"other shells use it with VMFLOW_DATA_DIR={directory} and "
+            f"VMFLOW_API_URL={stack.api_url}. Press Ctrl-C to stop."
+        )
+        while True:
+            failed = stack.failed_component()
+            if failed is not None:
+                error_console.print(
+                    f"[red]error:[/] {failed.name} exited with status "
+                    f"{failed.process.returncode}; its log {failed.log_path} ends with:\n"
+                    f"{failed.log_tail()}"
+                )
+                raise typer.Exit(1)
+            time.sleep(WATCH_INTERVAL_S)
+    except StackError as error:
+        error_console.print(f"[red]error:[/] {error}")
+        raise typer.Exit(1) from None
+    except (KeyboardInterrupt, _Terminate):
+        console.print("stopping")
+    finally:
+        stack.stop()
+        signal.signal(signal.SIGTERM, previous)
+    console.print("stopped every part of the local stack")
