@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from vmflow import __version__
-from vmflow.cli import api, db, deploy, dev, gateway, image, runs
+from vmflow.cli import api, db, demo, deploy, dev, gateway, image, runs
 
 app = typer.Typer(
     name="vmflow",
@@ -21,6 +21,7 @@ app.add_typer(api.app, name="api")
 app.command()(deploy.deploy)
 app.command()(runs.trigger)
 app.command()(dev.dev)
+app.command()(demo.demo)
 app.add_typer(runs.runs_app, name="runs")
 app.add_typer(runs.waitpoint_app, name="waitpoint")
 
