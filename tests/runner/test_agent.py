@@ -17,6 +17,8 @@ from tests.runner.conftest import (
     wait_until,
 )
 from vmflow.api.waitpoints import WaitpointStateError, complete_token
+from vmflow.runner.channel import ChannelClient, InstanceIdentity
+from vmflow.runner.runtime import Runtime
 from vmflow.storage.db import session_scope
 from vmflow.storage.models import TaskRunStatus, Waitpoint, WaitpointKind, WaitpointStatus
 
@@ -260,3 +262,29 @@ def test_token_completed_twice_keeps_first_output(
     assert agent.wait_exit() == 0, agent.stderr()
     assert workload_server.get_run(run.id).output["token_output"] == "first"
     assert workload_server.waitpoints(run.id)[0].output == "first"
+
+
+def test_runtime_stale_request_adopts_restored_identity(
+    workload_server: WorkloadServer, host_channel: HostChannel
+) -> None:
+    run = workload_server.create_run("echo")
+    host_channel.set_run(workload_server, run, "runner-before")
+    runtime = Runtime(
+        ChannelClient(str(host_channel.socket_path), retry_deadline_s=30),
+        InstanceIdentity.from_json(host_channel.identity),
+        runner_id="runner-before",
+        run_id=run.id,
+    )
+    runtime.call("POST", "/start", {})
+    runtime.wait_for_duration(resume_at=None, duration_ms=0)
+
+    # A snapshot taken after the wait ended: the runner sends its next
+    # request with the old id, is rejected as stale, and adopts the new one.
+    host_channel.restore("runner-after", snapshot_id="snap-late")
+    status = runtime.heartbeat()
+
+    assert status == "EXECUTING"
+    assert runtime.runner_id == "runner-after"
+    assert workload_server.get_run(run.id).runner_id == "runner-after"
+    resumed = workload_server.events.for_run(run.id, "runner_resumed")
+    assert [event.runner_id for event in resumed] == ["runner-after"]

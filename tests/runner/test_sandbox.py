@@ -29,6 +29,7 @@ from vmflow.compute.models import (
     InstanceCreateRequest,
     SnapshotRequest,
     SnapshotRestoreRequest,
+    TemplateCreateRequest,
 )
 from vmflow.gateway.drivers.criu import check_criu, find_criu
 from vmflow.gateway.images import ImageStore
@@ -231,4 +232,53 @@ async def test_sandbox_failing_task_reports_error(
     assert "row 1 has negative precipitation -1.5" in failed.error["message"]
     assert "validate(rows)" in failed.error["traceback"]
     assert "vmflow.task.failing-task: validating 2 rows" in workload_server.log_messages(run.id)
+    await client.instances.delete(created.id)
+
+
+@pytest.mark.parametrize("task_id", ["duration-wait", "duration-wait-async"])
+async def test_sandbox_template_instance_runs_duration_wait(
+    task_id: str,
+    workload_server: WorkloadServer,
+    gateway: tuple[GatewayServer, ComputeClient],
+) -> None:
+    gateway_server, client = gateway
+    image = f"duration-wait:{uuid.uuid4().hex[:8]}"
+    ImageStore(gateway_server.settings.image_dir).build(EXAMPLES_DIR / "duration-wait", image)
+
+    # The template's process reports ready with no run, is snapshotted there,
+    # and each instance restored from it learns its run from the channel.
+    template = await client.templates.create(
+        TemplateCreateRequest(image=image, cpu=1, memory_gb=0.5)
+    )
+    assert template is not None
+    assert template.status == "completed", template
+    run = workload_server.create_run(task_id, {"seconds": 0.5})
+    created = await client.instances.create(
+        InstanceCreateRequest(
+            name=f"run-{run.id}",
+            image=image,
+            env=_instance_env(workload_server, run, f"{run.id}-r1"),
+            cpu=1,
+            memory_gb=0.5,
+        )
+    )
+
+    finished = await wait_until_async(
+        lambda: (stored := workload_server.get_run(run.id)).status.is_final and stored,
+        timeout_s=RUN_TIMEOUT_S,
+        message=f"run {run.id} did not finish",
+    )
+    output = await _instance_output(client, created.id)
+    assert created.timing is not None
+    assert created.timing["mode"] == "template"
+    assert finished.status is TaskRunStatus.COMPLETED, f"{finished.error}\n{output}"
+    assert finished.output["waited_s"] >= 0.5
+    assert finished.output["steps"][0] == "before"
+    assert finished.output["steps"][-1] == "after"
+    assert [event.name for event in workload_server.events.for_run(run.id)] == [
+        "runner_started",
+        "suspend_requested",
+        "runner_resumed",
+        "runner_finished",
+    ]
     await client.instances.delete(created.id)

@@ -26,6 +26,9 @@ GATEWAY_READY_PATH = "/_gateway/ready"
 _RETRYABLE_STATUSES = frozenset({502, 503, 504})
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
+# A sleep that overran by more than this was a freeze (a snapshot restored
+# later), not a slow host, so the retry deadline starts again.
+_FREEZE_OVERRUN_S = 5.0
 
 
 class ChannelError(Exception):
@@ -164,7 +167,11 @@ class ChannelClient:
                 )
             # Refusals are expected while the gateway snapshots the instance.
             logger.debug("retrying %s %s in %.2f s after %s", method, path, backoff, failure)
+            slept_from = time.monotonic()
             time.sleep(backoff)
+            if time.monotonic() - slept_from > backoff + _FREEZE_OVERRUN_S:
+                logger.info("resumed after a freeze; retrying %s %s from now on", method, path)
+                deadline = time.monotonic() + self.retry_deadline_s
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
     def _send_once(self, method: str, path: str, payload: bytes | None) -> tuple[int, bytes]:

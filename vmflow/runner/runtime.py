@@ -3,12 +3,13 @@
 One `Runtime` exists per runner process once its run has started; the SDK's
 `wait` and `get_context` reach it through `current_runtime()`.
 
-Requests that carry the runner id hold `_lock`. A wait takes the lock to
-ship buffered logs, send its suspend request and set `_suspended`. While that
-flag is set the agent's heartbeats and log shipping pause, so no request with
-an outdated runner id is sent after a snapshot. A request rejected as
-from a stale runner makes the runtime check its identity and, when it has
-been restored, call resume and repeat the request once.
+Every request that carries the runner id first reads the instance's
+identity from the channel. When the generation or the runner id changed, the
+process woke inside a restored snapshot: the runtime adopts the new runner
+id and calls resume before anything else. A wait holds `_lock` while it
+ships buffered logs, sends its suspend request and sets `_suspended`. While
+that flag is set the agent's heartbeats and log shipping pause, and the wait
+alone polls the channel.
 """
 
 from __future__ import annotations
@@ -132,7 +133,14 @@ class Runtime:
         return f"{WORKLOAD_PREFIX}/runs/{self.run_id}{suffix}"
 
     def call(self, method: str, suffix: str, body: dict[str, Any] | None = None) -> Any:
-        """Send a workload API request as the current runner, adopting a restored identity once."""
+        """Send a workload API request as the current runner.
+
+        The identity is checked first, because a snapshot may have been taken
+        after the last wait ended, and the supervisor still accepts the old
+        runner id until the new one resumes. A request rejected as stale is
+        repeated once after another identity check.
+        """
+        self.check_identity()
         for attempt in (1, 2):
             payload = None if body is None else {**body, "runner_id": self.runner_id}
             try:
@@ -279,11 +287,13 @@ class Runtime:
     def _wait_on(self, waitpoint: dict[str, Any]) -> Any:
         """Suspend at `waitpoint`, poll until it is final, and return its output."""
         waitpoint_id = str(waitpoint["id"])
+        with self._lock:
+            # The waitpoint a restored runner names in its resume request.
+            self._last_waitpoint_id = waitpoint_id
         if waitpoint["status"] != "PENDING":
             return self._result(waitpoint)
 
         with self._lock:
-            self._last_waitpoint_id = waitpoint_id
             self._ship_logs_locked()
             self._execution_snapshot_id += 1
             response = self.call(
