@@ -97,6 +97,8 @@ class Gateway:
         self._ready: dict[str, asyncio.Event] = {}
         self._name_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Snapshots and template builds, which `close()` lets finish.
+        self._work: set[asyncio.Task[Any]] = set()
 
     # Start and stop
 
@@ -147,8 +149,18 @@ class Gateway:
             len(self.templates),
         )
 
-    async def close(self) -> None:
-        """Stop background work and channel servers; instances keep running for the next start."""
+    async def close(self, work_timeout_s: float = 60.0) -> None:
+        """Finish snapshots and template builds (bounded), then stop watchers and channels.
+
+        Instances keep running, so the next start of the gateway finds them.
+        """
+        if self._work:
+            logger.info("waiting for %d snapshots and template builds", len(self._work))
+            _, pending = await asyncio.wait(list(self._work), timeout=work_timeout_s)
+            for task in pending:
+                logger.error(
+                    "cancelling %s: still running after %.0f s", task.get_name(), work_timeout_s
+                )
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -276,7 +288,7 @@ class Gateway:
         self._snapshot_store.save(snapshot)
         record.state = InstanceState.SNAPSHOTTING
         self._instance_store.save(record)
-        self._spawn(self._snapshot_in_background(record, snapshot, callback))
+        self._spawn(self._snapshot_in_background(record, snapshot, callback), work=True)
         logger.info("snapshot %s of instance %s requested", snapshot.id, record.id)
         return snapshot
 
@@ -376,7 +388,7 @@ class Gateway:
         )
         self.templates[template.id] = template
         self._template_store.save(template)
-        task = self._spawn(self._build_template(template, image, request.callback))
+        task = self._spawn(self._build_template(template, image, request.callback), work=True)
         return template, task
 
     @staticmethod
@@ -778,8 +790,13 @@ class Gateway:
     def _name_lock(self, name: str) -> asyncio.Lock:
         return self._name_locks.setdefault(name, asyncio.Lock())
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    def _spawn(
+        self, coroutine: Coroutine[Any, Any, Any], *, work: bool = False
+    ) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if work:
+            self._work.add(task)
+            task.add_done_callback(self._work.discard)
         return task
