@@ -1,0 +1,19 @@
+"""Skip rules of the end-to-end tests: they need root for the sandbox and a working CRIU 4."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vmflow.gateway.drivers.criu import check_criu, find_criu
+
+IS_ROOT = os.geteuid() == 0
+CRIU = check_criu(find_criu(os.environ.get("VMFLOW_GATEWAY_CRIU")))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") and not IS_ROOT:
+        pytest.skip("needs root for the gateway's sandbox driver (namespaces, cgroups)")
+    if item.get_closest_marker("criu") and not CRIU.works:
+        pytest.skip(f"needs a working CRIU 4 for snapshots: {CRIU.detail}")
