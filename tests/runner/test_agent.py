@@ -5,22 +5,26 @@ Each waitpoint test runs for a sync and an async task with the same checks.
 
 from __future__ import annotations
 
+import importlib
+import threading
 import uuid
 from collections.abc import Callable
 
 import pytest
 
 from tests.runner.conftest import (
+    SAMPLE_TASKS_DIR,
     AgentProcess,
     HostChannel,
     WorkloadServer,
     wait_until,
 )
 from vmflow.api.waitpoints import WaitpointStateError, complete_token
+from vmflow.runner.agent import Agent
 from vmflow.runner.channel import ChannelClient, InstanceIdentity
 from vmflow.runner.runtime import Runtime
 from vmflow.storage.db import session_scope
-from vmflow.storage.models import TaskRunStatus, Waitpoint, WaitpointKind, WaitpointStatus
+from vmflow.storage.models import TaskRun, TaskRunStatus, Waitpoint, WaitpointKind, WaitpointStatus
 
 StartAgent = Callable[..., AgentProcess]
 
@@ -288,3 +292,40 @@ def test_runtime_stale_request_adopts_restored_identity(
     assert workload_server.get_run(run.id).runner_id == "runner-after"
     resumed = workload_server.events.for_run(run.id, "runner_resumed")
     assert [event.runner_id for event in resumed] == ["runner-after"]
+
+
+def test_agent_heartbeats_and_stops_when_canceled(
+    workload_server: WorkloadServer, host_channel: HostChannel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(SAMPLE_TASKS_DIR))
+    sample_tasks = importlib.import_module("sample_tasks")
+    run = workload_server.create_run("blocks-until-released")
+    host_channel.set_run(workload_server, run, _runner_id())
+    agent = Agent(ChannelClient(str(host_channel.socket_path), retry_deadline_s=30), None)
+    agent.heartbeat_interval_s = 0.1
+    exit_codes: list[int] = []
+    thread = threading.Thread(target=lambda: exit_codes.append(agent.run()), daemon=True)
+    thread.start()
+
+    try:
+        started = wait_until(
+            lambda: workload_server.get_run(run.id).last_heartbeat_at,
+            timeout_s=30,
+            message="run never started",
+        )
+        wait_until(
+            lambda: workload_server.get_run(run.id).last_heartbeat_at != started,
+            timeout_s=30,
+            message="no heartbeat after the start",
+        )
+        with session_scope(workload_server.sessions) as session:
+            stored = session.get(TaskRun, run.id)
+            assert stored is not None
+            stored.status = TaskRunStatus.CANCELED
+        thread.join(timeout=30)
+    finally:
+        sample_tasks.release.set()
+
+    assert exit_codes == [3]
+    assert workload_server.get_run(run.id).status is TaskRunStatus.CANCELED
+    assert workload_server.events.for_run(run.id, "runner_finished") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -78,3 +79,13 @@ async def blocking_wait_in_async(payload: Any) -> Any:
 @task
 def echo(payload: Any) -> Any:
     return payload
+
+
+# Set by a test to let `blocks-until-released` return.
+release = threading.Event()
+
+
+@task(id="blocks-until-released")
+def blocks_until_released(payload: Any) -> str:
+    release.wait(timeout=60)
+    return "released"
