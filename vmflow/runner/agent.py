@@ -3,10 +3,10 @@
 It imports the image's task modules (VMFLOW_TASK_MODULES, comma-separated),
 reports ready on the channel (VMFLOW_CHANNEL), and polls the instance's
 identity until it names a run. A process booted for a template waits there
-until a restore turns it into a real instance. It then starts the run,
-executes the task in a thread of its own (an async task on an event loop in
-that thread), heartbeats and ships logs from the main thread, and reports
-the output or the error with its traceback.
+until a restore turns it into a real instance. It then starts the run and
+executes the task in a thread of its own, an async task on an event loop in
+that thread. The main thread sends heartbeats and ships logs meanwhile, and
+at the end reports the output, or the error with its traceback.
 
 Identity comes from the channel only, never from os.environ, because the
 environment of a restored process is the one it was snapshotted with.

@@ -6,7 +6,7 @@ One `Runtime` exists per runner process once its run has started; the SDK's
 Every request that carries the runner id first reads the instance's
 identity from the channel. When the generation or the runner id changed, the
 process woke inside a restored snapshot: the runtime adopts the new runner
-id and calls resume before anything else. A wait holds `_lock` while it
+id and calls resume before anything else. A wait keeps `_lock` while it
 ships buffered logs, sends its suspend request and sets `_suspended`. While
 that flag is set the agent's heartbeats and log shipping pause, and the wait
 alone polls the channel.

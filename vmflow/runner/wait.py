@@ -7,8 +7,8 @@ instead of freezing the loop. The async form runs the blocking one in a
 worker thread, so other coroutines of the task keep running while it waits.
 
 At a wait the runner requests that the supervisor suspend the run. If the wait ends
-soon the task continues in place; otherwise the instance is snapshotted,
-deleted, and later restored with all of the task's memory, and the wait
+soon, the task continues in place. Otherwise the instance is snapshotted and
+deleted. A restore later brings back all of the task's memory, and the wait
 returns there. One wait is active at a time per run: a second wait that
 starts meanwhile (from another coroutine or thread) begins when the first ends.
 """
