@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ from vmflow.compute.models import (
     SnapshotRestoreRequest,
     TemplateCreateRequest,
 )
+from vmflow.gateway.drivers.cgroups import CGROUP_ROOT, CONTROLLERS
 from vmflow.gateway.images import ImageStore
 from vmflow.gateway.server import GatewayServer
 from vmflow.gateway.settings import GatewaySettings
@@ -176,6 +178,9 @@ async def run(runs: int, list_size: int) -> dict[str, list[float]]:
                     await compute.instances.delete(instance_id)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        for controller in CONTROLLERS:
+            with contextlib.suppress(OSError):
+                (CGROUP_ROOT / controller / settings.cgroup_parent).rmdir()
     return results
 
 
