@@ -6,7 +6,7 @@ Run as root with CRIU 4 installed (scripts/install-criu.sh):
 
 It starts a real gateway on a free 127.0.0.1 port with its state in a temporary
 directory, builds an image whose program imports what a typical task imports
-(fastapi, httpx, pydantic, sqlalchemy, temporalio) and then holds a counter and a
+(fastapi, httpx, pydantic, sqlalchemy, temporalio) and then keeps a counter and a
 list of --list-size integers, and measures each operation as the client sees it
 (HTTP round trip included). An instance counts as created once its program prints its first tick,
 and a snapshot as taken once its callback arrives. Each figure is the median of

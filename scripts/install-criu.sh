@@ -4,8 +4,8 @@
 # Debian 12 ships CRIU 3.17, whose `criu check` fails on kernels 6.13 and newer
 # ("Unexpected rt vDSO area bounds", because those kernels add a [vvar_vclock]
 # mapping). This script downloads CRIU 4 and the libraries it links against from
-# Debian trixie with a private apt configuration (its own sources list, package
-# lists and cache under $PREFIX/apt), extracts them into $PREFIX/root, and writes
+# Debian trixie with a private apt configuration: its own sources list, package
+# lists and cache under $PREFIX/apt. It extracts them into $PREFIX/root and writes
 # a wrapper that runs criu through that root's dynamic loader and libraries.
 #
 # Idempotent: when `criu check` already passes with a 4.x criu, it does nothing.

@@ -65,7 +65,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes and not rejected:
-                    # Answer now, and show the app a disconnect so it stops reading.
+                    # Send the 413 now, and pass the app a disconnect so it stops reading.
                     rejected = True
                     if not started:
                         await self._reject(send)

@@ -5,7 +5,7 @@ Routes:
 - `POST /_gateway/ready` returns 204 and calls `on_ready`.
 - Every other path is proxied to the workload URL with `Authorization: Bearer <token>`.
 
-Each response carries `Connection: close`, so every connection holds one request. A
+Each response carries `Connection: close`, so every connection carries one request. A
 connection counts as in flight until the client closes its end, so that after `pause()`
 the sandbox holds no socket to the gateway and CRIU can dump it.
 

@@ -10,7 +10,7 @@ class GatewayError(Exception):
 
 
 class InvalidRequestError(GatewayError):
-    """The request is well-formed but asks for something this host cannot give."""
+    """The request is well-formed but requests limits this gateway does not allow."""
 
     status = 422
 

@@ -61,7 +61,7 @@ from vmflow.gateway.state import (
 
 logger = logging.getLogger(__name__)
 
-# Consumed by the gateway for the channel's proxy; the process never sees them.
+# Consumed by the gateway for the channel's proxy and removed from the process's env.
 WORKLOAD_URL_VAR = "VMFLOW_WORKLOAD_URL"
 WORKLOAD_TOKEN_VAR = "VMFLOW_WORKLOAD_TOKEN"
 _LIVE_STATES = (InstanceState.STARTING, InstanceState.RUNNING, InstanceState.SNAPSHOTTING)

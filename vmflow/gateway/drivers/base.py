@@ -16,7 +16,7 @@ from vmflow.gateway.images import Image
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    """What to start: the instance's identity, image, process environment and limits.
+    """The instance to start: its identity, image, process environment and limits.
 
     `instance_dir` is private to the instance and created by the service; the driver keeps
     its scratch directory, output and channel socket there.

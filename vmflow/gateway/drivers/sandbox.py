@@ -2,10 +2,11 @@
 # ruff: noqa: ASYNC240, ASYNC110
 """The sandbox driver: the image's runtime in new pid, mount, net, ipc and uts namespaces.
 
-Layout inside a sandbox: a read-only root built from an empty directory (bind-mounted onto
-itself, then `pivot_root`), read-only binds of the host's /usr and of the Python that runs
-the gateway, a generated /etc, a few /dev nodes, /proc, the image at /app (read-only), a
-private writable /scratch, and /run/vmflow with the channel socket and the output log.
+The sandbox's root is an empty directory, bind-mounted onto itself and made the root with
+`pivot_root`, then remounted read-only. Read-only binds bring in the host's /usr, the Python
+that runs the gateway, a generated /etc and the image at /app. A few /dev nodes and /proc
+complete it, with a private writable /scratch and /run/vmflow, which contains the channel
+socket and the output log.
 The process keeps uid 0 but has no capabilities (an empty bounding set and no_new_privs),
 so it cannot remount any of it, and it cannot write to the host files it sees.
 Limits are cgroup v1 memory, pids and cpu directories; there is no network interface
