@@ -49,7 +49,10 @@ def assert_continues(before: str, after: str) -> None:
 
 
 async def test_snapshot_restore_keeps_memory_state(
-    client: ComputeClient, build_image: ImageBuilder, callbacks: CallbackReceiver
+    client: ComputeClient,
+    build_image: ImageBuilder,
+    callbacks: CallbackReceiver,
+    gateway_settings: GatewaySettings,
 ) -> None:
     image = build_image("counter.py")
     created = await client.instances.create(
@@ -99,6 +102,11 @@ async def test_snapshot_restore_keeps_memory_state(
     after = await wait_for_output(client, restored.id, lambda text: "runner=runner-2" in text)
     assert_continues(before, after)
     assert "identity generation=1 runner=runner-2" in after
+    # The scratch file the process kept open came along and goes on from the same line.
+    scratch = gateway_settings.state_dir / "instances" / restored.id / "scratch" / "ticks.txt"
+    written = [int(line) for line in scratch.read_text().split()]
+    assert written[: len(ticks(before))] == [counter for counter, _ in ticks(before)]
+    assert written == list(range(1, len(written) + 1))
     instance = await client.instances.get(restored.id)
     assert instance.state == InstanceState.RUNNING
     assert instance.model_extra is not None

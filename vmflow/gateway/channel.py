@@ -82,7 +82,11 @@ class ChannelServer:
         self._connections: set[asyncio.StreamWriter] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._http = httpx.AsyncClient(timeout=proxy_timeout_s, transport=transport)
+        # Created on the first proxied request, because building its TLS context takes
+        # tens of milliseconds that an instance start should not pay.
+        self._http: httpx.AsyncClient | None = None
+        self._proxy_timeout_s = proxy_timeout_s
+        self._transport = transport
 
     @property
     def accepting(self) -> bool:
@@ -145,7 +149,9 @@ class ChannelServer:
     async def close(self) -> None:
         """Stop serving, abort open connections and remove the socket file; idempotent."""
         await self.pause(timeout_s=0.5)
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
 
@@ -246,6 +252,8 @@ class ChannelServer:
         if self.workload_token:
             forwarded["Authorization"] = f"Bearer {self.workload_token}"
         url = self.workload_url.rstrip("/") + target
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self._proxy_timeout_s, transport=self._transport)
         try:
             response = await self._http.request(method, url, headers=forwarded, content=body)
         except httpx.TimeoutException as error:
