@@ -241,3 +241,35 @@ async def test_snapshot_without_criu_fails_cleanly(
             from .conftest import delete_all_instances
 
             await delete_all_instances(server)
+
+
+async def test_snapshot_of_restored_instance(
+    client: ComputeClient, build_image: ImageBuilder, callbacks: CallbackReceiver
+) -> None:
+    image = build_image("counter.py")
+    created = await client.instances.create(
+        InstanceCreateRequest(name=unique("chain"), image=image, cpu=1, memory_gb=0.25)
+    )
+    instance_id = created.id
+    await wait_for_output(client, instance_id, lambda text: "tick 3 " in text)
+
+    for generation in (1, 2):
+        await client.instances.snapshot(
+            instance_id, SnapshotRequest(callback=CallbackTarget(url=callbacks.url))
+        )
+        callback = (await callbacks.next()).json()
+        assert callback["status"] == "completed", callback
+        before = await read_output(client, instance_id)
+        await client.instances.delete(instance_id)
+
+        restored = await client.snapshots.restore(
+            callback["snapshot_id"],
+            SnapshotRestoreRequest(name=unique(f"chain-{generation}"), cpu=1, memory_gb=0.25),
+        )
+        assert restored is not None
+        instance_id = restored.id
+        wanted = f"identity generation={generation} "
+        after = await wait_for_output(
+            client, instance_id, lambda text, wanted=wanted: wanted in text
+        )
+        assert_continues(before, after)
