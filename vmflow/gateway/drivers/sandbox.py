@@ -37,7 +37,7 @@ import vmflow
 from vmflow.compute.models import DriverCapabilities
 from vmflow.gateway.drivers.base import CheckpointResult, LaunchSpec, Runtime
 from vmflow.gateway.drivers.cgroups import CgroupSet
-from vmflow.gateway.drivers.criu import check_criu, find_criu, run_criu
+from vmflow.gateway.drivers.criu import check_criu, find_criu, log_tail, run_criu
 from vmflow.gateway.errors import CriuError, SandboxError, SnapshotsUnavailableError
 from vmflow.gateway.settings import GatewaySettings
 
@@ -311,6 +311,8 @@ class SandboxDriver:
             "--network-lock", "skip",
             "--manage-cgroups=ignore",
             "--pidfile", str(pidfile),
+            # criu exits once the tree runs, so it does not stay in the instance's cgroups.
+            "--restore-detached",
         ]  # fmt: skip
         for key, target in meta["mounts"].items():
             arguments += ["--external", f"mnt[{key}]:{by_target[target].source}"]
@@ -478,20 +480,29 @@ class SandboxDriver:
         log_path: Path,
         spec: LaunchSpec,
     ) -> int:
-        deadline = time.monotonic() + CRIU_TIMEOUT_S
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError):
-                return int(pidfile.read_text())
-            if launcher.returncode is not None:
-                raise CriuError(
-                    f"criu restore of instance {spec.instance_id} failed with exit code "
-                    f"{launcher.returncode}: {_criu_tail(log_path)}; full log at {log_path}",
-                    log_path=str(log_path),
-                )
-            await asyncio.sleep(0.005)
-        raise CriuError(
-            f"criu restore of instance {spec.instance_id} timed out", log_path=str(log_path)
-        )
+        """Wait for `criu restore --restore-detached` to exit; return the restored PID 1."""
+        try:
+            code = await asyncio.wait_for(launcher.wait(), CRIU_TIMEOUT_S)
+        except TimeoutError:
+            raise CriuError(
+                f"criu restore of instance {spec.instance_id} timed out after "
+                f"{CRIU_TIMEOUT_S} s; see {log_path}",
+                log_path=str(log_path),
+            ) from None
+        self._launchers.pop(launcher.pid, None)
+        if code != 0:
+            raise CriuError(
+                f"criu restore of instance {spec.instance_id} failed with exit code "
+                f"{code}: {log_tail(log_path)}; full log at {log_path}",
+                log_path=str(log_path),
+            )
+        try:
+            return int(pidfile.read_text())
+        except (OSError, ValueError) as error:
+            raise CriuError(
+                f"criu restore of instance {spec.instance_id} wrote no pid file: {error}",
+                log_path=str(log_path),
+            ) from error
 
     async def _abort(self, launcher: asyncio.subprocess.Process, cgroups: CgroupSet) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -539,12 +550,6 @@ def _read_tail(path: Path, limit: int = 600) -> str:
         return path.read_text(errors="replace")[-limit:].strip() or "no output"
     except OSError:
         return "no output"
-
-
-def _criu_tail(log_path: Path) -> str:
-    from vmflow.gateway.drivers.criu import log_tail
-
-    return log_tail(log_path)
 
 
 async def _copy_tree(source: Path, destination: Path) -> None:
