@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -166,7 +167,12 @@ async def test_api_create_is_idempotent_by_name(
 
     first = await client.instances.create(request)
     second = await client.instances.create(request)
+    concurrent_request = request.model_copy(update={"name": unique("concurrent")})
+    concurrent = await asyncio.gather(
+        client.instances.create(concurrent_request), client.instances.create(concurrent_request)
+    )
     assert second.id == first.id
+    assert concurrent[0].id == concurrent[1].id
     live = [r for r in gateway_server.gateway.instances.values() if r.name == request.name]
     assert len(live) == 1
 

@@ -302,6 +302,7 @@ class Gateway:
             error=snapshot.error,
             created_at=snapshot.created_at,
             duration_ms=snapshot.duration_ms,
+            timing=snapshot.timing,
         )
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
@@ -445,6 +446,7 @@ class Gateway:
 
         record.runtime = asdict(runtime)
         record.state = InstanceState.RUNNING
+        timing.update(runtime.timing)
         timing["total_ms"] = _elapsed_ms(started)
         record.timing = timing
         self._instance_store.save(record)
@@ -541,6 +543,7 @@ class Gateway:
             await asyncio.to_thread(shutil.rmtree, snapshot_dir, True)
             raise
         snapshot.size_bytes = result.size_bytes
+        snapshot.timing = result.timing
 
     async def _snapshot_in_background(
         self, record: InstanceRecord, snapshot: SnapshotRecord, callback: CallbackTarget

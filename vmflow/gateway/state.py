@@ -81,6 +81,7 @@ class SnapshotRecord(Record):
     size_bytes: int | None = None
     error: str | None = None
     duration_ms: float | None = None
+    timing: dict[str, float] | None = None
     template_id: str | None = None
 
 

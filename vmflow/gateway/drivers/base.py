@@ -38,6 +38,8 @@ class Runtime:
     start_time: int
     driver: str
     details: dict[str, str] = field(default_factory=dict)
+    # Milliseconds per phase of the start or restore, reported in `_timing`.
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

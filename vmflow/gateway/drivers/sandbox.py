@@ -266,10 +266,12 @@ class SandboxDriver:
     async def start(self, spec: LaunchSpec) -> Runtime:
         if self.unavailable is not None:
             raise SandboxError(f"sandbox driver unavailable: {self.unavailable}")
+        started = time.perf_counter()
         binds = self._binds(spec)
         root = self._prepare_dirs(spec, binds)
         cgroups = self._create_cgroups(spec)
         script = self._init_script(root, binds, self._command(spec))
+        prepared = time.perf_counter()
         (spec.instance_dir / "init.sh").write_text(script)
 
         unshare = "exec unshare --fork --pid --mount --net --ipc --uts --propagation private"
@@ -282,7 +284,12 @@ class SandboxDriver:
             await self._abort(launcher, cgroups)
             raise
         logger.info("sandbox %s started: pid %d", spec.instance_id, pid)
-        return self._runtime(pid, launcher, spec, mode="cold")
+        runtime = self._runtime(pid, launcher, spec, mode="cold")
+        runtime.timing = {
+            "prepare_ms": _ms(started, prepared),
+            "namespaces_ms": _ms(prepared, time.perf_counter()),
+        }
+        return runtime
 
     async def restore(self, spec: LaunchSpec, snapshot_dir: Path) -> Runtime:
         criu = self.require_snapshots()
@@ -295,10 +302,12 @@ class SandboxDriver:
                 f"snapshot {snapshot_dir.name} needs mounts {missing} that this gateway "
                 "does not provide; restore it on the gateway that took it"
             )
+        started = time.perf_counter()
         root = self._prepare_dirs(spec, binds)
         await _copy_tree(snapshot_dir / "files" / "scratch", spec.instance_dir / "scratch")
         await _copy_tree(snapshot_dir / "files" / "io", spec.instance_dir / "io")
         cgroups = self._create_cgroups(spec)
+        prepared = time.perf_counter()
 
         pidfile = spec.instance_dir / "restore.pid"
         log_path = spec.instance_dir / "restore.log"
@@ -324,7 +333,12 @@ class SandboxDriver:
             await self._abort(launcher, cgroups)
             raise
         logger.info("sandbox %s restored from %s: pid %d", spec.instance_id, snapshot_dir, pid)
-        return self._runtime(pid, launcher, spec, mode="restore")
+        runtime = self._runtime(pid, launcher, spec, mode="restore")
+        runtime.timing = {
+            "prepare_ms": _ms(started, prepared),
+            "criu_restore_ms": _ms(prepared, time.perf_counter()),
+        }
+        return runtime
 
     async def checkpoint(
         self, runtime: Runtime, spec: LaunchSpec, snapshot_dir: Path
@@ -369,7 +383,7 @@ class SandboxDriver:
         await self.stop(runtime, spec.instance_id)
         return CheckpointResult(
             size_bytes=_tree_size(snapshot_dir),
-            timing={"dump_ms": (dumped - started) * 1000, "copy_ms": (copied - dumped) * 1000},
+            timing={"criu_dump_ms": _ms(started, dumped), "copy_ms": _ms(dumped, copied)},
         )
 
     async def stop(self, runtime: Runtime | None, instance_id: str) -> None:
@@ -531,6 +545,10 @@ class SandboxDriver:
                 "instance_dir": str(spec.instance_dir),
             },
         )
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000, 3)
 
 
 def _start_time(pid: int) -> int | None:
