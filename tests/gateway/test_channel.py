@@ -149,10 +149,10 @@ async def test_channel_proxy_without_upstream_is_503(tmp_path: Path) -> None:
 
 async def test_channel_pause_refuses_and_waits_for_open_connection(channel: ChannelServer) -> None:
     # A client that has its response but has not closed its end yet.
-    held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await asyncio.to_thread(held.connect, str(channel.socket_path))
-    held.sendall(b"GET /_gateway/instance HTTP/1.1\r\nHost: x\r\n\r\n")
-    response = await asyncio.to_thread(held.recv, 65536)
+    open_client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await asyncio.to_thread(open_client.connect, str(channel.socket_path))
+    open_client.sendall(b"GET /_gateway/instance HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = await asyncio.to_thread(open_client.recv, 65536)
     assert response.startswith(b"HTTP/1.1 200")
 
     pause = asyncio.create_task(channel.pause(timeout_s=30))
@@ -161,7 +161,7 @@ async def test_channel_pause_refuses_and_waits_for_open_connection(channel: Chan
         await asyncio.to_thread(channel_request, channel.socket_path, "GET", "/_gateway/instance")
     assert not pause.done()
 
-    held.close()
+    open_client.close()
     await asyncio.wait_for(pause, 10)
     assert not channel.accepting
 

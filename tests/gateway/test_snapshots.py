@@ -268,8 +268,8 @@ async def test_snapshot_of_restored_instance(
         )
         assert restored is not None
         instance_id = restored.id
-        wanted = f"identity generation={generation} "
+        expected = f"identity generation={generation} "
         after = await wait_for_output(
-            client, instance_id, lambda text, wanted=wanted: wanted in text
+            client, instance_id, lambda text, expected=expected: expected in text
         )
         assert_continues(before, after)

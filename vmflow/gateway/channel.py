@@ -7,7 +7,7 @@ Routes:
 
 Each response carries `Connection: close`, so every connection carries one request. A
 connection counts as in flight until the client closes its end, so that after `pause()`
-the sandbox holds no socket to the gateway and CRIU can dump it.
+the sandbox has no socket open to the gateway and CRIU can dump it.
 
 Another process can run the same server, for example a runner test:
 
@@ -262,12 +262,12 @@ class ChannelServer:
         except httpx.TransportError as error:
             logger.warning("channel %s: %s %s failed: %r", self.label, method, url, error)
             return _json_response(502, {"detail": f"the workload API is unreachable: {error!r}"})
-        kept = [
+        passed_headers = [
             (name, value)
             for name, value in response.headers.items()
             if name.lower() in ("content-type", "retry-after", "location")
         ]
-        return response.status_code, kept, response.content
+        return response.status_code, passed_headers, response.content
 
 
 class _BodyTooLargeError(Exception):

@@ -8,7 +8,7 @@ that runs the gateway, a generated /etc and the image at /app. A few /dev nodes 
 complete it, with a private writable /scratch and /run/vmflow, which contains the channel
 socket and the output log.
 The process keeps uid 0 but has no capabilities (an empty bounding set and no_new_privs),
-so it cannot remount any of it, and it cannot write to the host files it sees.
+so it cannot remount any of it or write to the host files mounted into it.
 Limits are cgroup v1 memory, pids and cpu directories; there is no network interface
 other than a loopback that is down.
 
