@@ -133,9 +133,9 @@ async def test_snapshot_restore_twice_from_one_snapshot(
             SnapshotRestoreRequest(name=unique("copy"), cpu=1, memory_gb=0.25),
         )
         assert restored is not None
-        wanted = f"tick {ticks(before)[-1][0] + 3} "
+        expected = f"tick {ticks(before)[-1][0] + 3} "
         after = await wait_for_output(
-            client, restored.id, lambda text, wanted=wanted: wanted in text
+            client, restored.id, lambda text, expected=expected: expected in text
         )
         assert_continues(before, after)
 
