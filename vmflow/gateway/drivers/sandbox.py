@@ -106,6 +106,7 @@ class SandboxDriver:
         self._host_binds, self._symlinks = self._plan_host_binds()
         if self.unavailable is None:
             self._write_etc()
+            self._warn_if_state_is_visible()
         if self.criu.works:
             logger.info("sandbox driver: %s", self.criu.detail)
         else:
@@ -150,6 +151,7 @@ class SandboxDriver:
         return instance_dir / "io" / "channel.sock"
 
     def output_path(self, instance_dir: Path) -> Path:
+        # NOTE: the output log is not rotated or capped; it grows with what the runtime prints.
         return instance_dir / "io" / "output.log"
 
     # Layout
@@ -169,6 +171,18 @@ class SandboxDriver:
         for node in DEV_NODES:
             binds.append(Bind(Path("/dev") / node, f"/dev/{node}", read_only=False, is_file=True))
         return binds, symlinks
+
+    def _warn_if_state_is_visible(self) -> None:
+        state_dir = self.settings.state_dir.resolve()
+        for bind in self._host_binds:
+            if state_dir.is_relative_to(bind.source):
+                logger.warning(
+                    "the state directory %s is inside %s, which every sandbox sees read-only, "
+                    "so instances can read each other's scratch files and workload tokens; "
+                    "set VMFLOW_GATEWAY_STATE_DIR outside it",
+                    state_dir,
+                    bind.source,
+                )
 
     def _write_etc(self) -> None:
         """Write the sandbox's /etc: accounts, hosts and the loader cache, and no secrets."""
@@ -229,6 +243,8 @@ class SandboxDriver:
         env = dict(BASE_ENV)
         env["VMFLOW_TASK_MODULES"] = ",".join(spec.image.manifest.tasks)
         env.update(spec.env)
+        # The channel's path is fixed by the sandbox layout, so a request cannot move it.
+        env["VMFLOW_CHANNEL"] = CHANNEL_PATH
         return env
 
     def _init_script(self, root: Path, binds: list[Bind], command: list[str]) -> str:
