@@ -28,7 +28,6 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from vmflow.compute.client import ComputeClient
-from vmflow.compute.models import InstanceState
 from vmflow.compute.signing import SIGNATURE_HEADER, verify
 from vmflow.gateway.drivers.cgroups import CGROUP_ROOT, CONTROLLERS
 from vmflow.gateway.drivers.criu import check_criu, find_criu
@@ -121,11 +120,7 @@ async def gateway_server(gateway_settings: GatewaySettings) -> AsyncIterator[Gat
 
 
 async def delete_all_instances(server: GatewayServer) -> None:
-    gateway = server.gateway
-    for record in list(gateway.instances.values()):
-        if record.state != InstanceState.DELETED and not record.template_build:
-            with contextlib.suppress(Exception):
-                await gateway.delete_instance(record.id)
+    await server.gateway.delete_all_instances()
 
 
 @pytest_asyncio.fixture

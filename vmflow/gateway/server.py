@@ -22,7 +22,9 @@ class GatewayServer:
         async with GatewayServer(settings) as server:
             client = ComputeClient(server.url, auth_token=token)
 
-    With `settings.port == 0` the OS chooses a free port on `settings.host`.
+    With `settings.port == 0` the OS chooses a free port on `settings.host`. Leaving the
+    `async with` block deletes every instance; `stop()` alone leaves them running, as a
+    restart of the gateway does.
     """
 
     def __init__(self, settings: GatewaySettings, *, gateway: Gateway | None = None) -> None:
@@ -54,9 +56,12 @@ class GatewayServer:
         self.url = f"http://{host}:{port}"
         logger.info("gateway listening on %s", self.url)
 
-    async def stop(self) -> None:
+    async def stop(self, *, delete_instances: bool = False) -> None:
+        """Stop serving; instances keep running unless `delete_instances` is set."""
         if self._server is None or self._task is None:
             return
+        if delete_instances:
+            await self.gateway.delete_all_instances()
         self._server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -67,7 +72,7 @@ class GatewayServer:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
+        await self.stop(delete_instances=True)
 
 
 def serve(settings: GatewaySettings) -> None:

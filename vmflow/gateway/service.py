@@ -263,6 +263,14 @@ class Gateway:
         self._instance_store.save(record)
         logger.info("instance %s (%s) deleted", record.id, record.name)
 
+    async def delete_all_instances(self) -> None:
+        """Delete every instance, waiting for snapshots in flight first; for tests and teardown."""
+        if self._work:
+            await asyncio.wait(list(self._work), timeout=60)
+        for record in list(self.instances.values()):
+            if record.state != InstanceState.DELETED and not record.template_build:
+                await self.delete_instance(record.id)
+
     # Snapshots
 
     def request_snapshot(self, instance_id: str, callback: CallbackTarget) -> SnapshotRecord:
