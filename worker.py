@@ -67,8 +67,13 @@ def build_workers(
     executor: ThreadPoolExecutor,
     task_queue: str = MAIN_TASK_QUEUE,
     snapshot_task_queue: str = SNAPSHOT_TASK_QUEUE,
+    max_cached_workflows: int = 1000,
 ) -> list[Worker]:
-    """Build the main worker and the snapshot worker, whose activity slots are the limit."""
+    """Build the main worker and the snapshot worker, whose activity slots are the limit.
+
+    `max_cached_workflows=0` turns off sticky execution, so every workflow task
+    replays from history on whichever worker polls it.
+    """
     main = Worker(
         client,
         task_queue=task_queue,
@@ -89,6 +94,7 @@ def build_workers(
         ],
         activity_executor=executor,
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+        max_cached_workflows=max_cached_workflows,
     )
     snapshots = Worker(
         client,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -99,6 +100,14 @@ MAX_CARRIED_WAITPOINTS = 100
 _LIVE_INSTANCE_STATES = frozenset({"starting", "running"})
 
 
+class RunStoppedError(Exception):
+    """The run was canceled or timed out; the run ends in `state` after releasing compute."""
+
+    def __init__(self, state: RunState) -> None:
+        super().__init__(state.value)
+        self.state = state
+
+
 class RunFailedError(Exception):
     """A step the run cannot continue without failed; the run ends FAILED with this error."""
 
@@ -140,6 +149,8 @@ class RunExecutionWorkflow:
         self._snapshot_count = 0
         self._restore_count = 0
         self._snapshot_requests = 0
+        # Set when the run is canceled or times out; the body stops at its next wait.
+        self._stop_state: RunState | None = None
 
         carried = input.carried
         if carried is not None:
@@ -180,8 +191,9 @@ class RunExecutionWorkflow:
         """Start (or replace) a pending suspend of the current runner."""
         if not self._is_current(message.runner_id, SIGNAL_SUSPEND_REQUESTED):
             return
-        if self._state not in (RunState.EXECUTING, RunState.SUSPENDING, RunState.PROVISIONING):
-            # The runner is frozen in a snapshot or gone; this is a late duplicate.
+        if self._state in (RunState.SNAPSHOTTING, RunState.SUSPENDED) or self._state.is_final:
+            # The current runner is frozen in a snapshot or gone, so this is a late duplicate.
+            # A restore makes the restored runner current before it can send anything.
             workflow.logger.warning(
                 "run %s ignored a suspend at waitpoint %s while %s",
                 self._run_id,
@@ -270,6 +282,9 @@ class RunExecutionWorkflow:
         )
         self._publish_state()
 
+        # The body is never cancelled: a cancel or a timeout sets `_stop_state`,
+        # and the body stops at its next wait, after any activity in flight
+        # completes, so no instance or database write is left half done.
         body = asyncio.create_task(self._drive())
         try:
             if input.max_duration_s is not None:
@@ -282,26 +297,33 @@ class RunExecutionWorkflow:
                         timeout_summary="run timeout",
                     )
                 except TimeoutError:
-                    await self._stop(body)
-                    return await self._end(
-                        RunState.TIMED_OUT,
-                        error={
-                            "name": "RunTimedOut",
-                            "message": f"the run exceeded its maximum of {input.max_duration_s} s",
-                        },
-                    )
-            return await body
+                    self._stop_state = RunState.TIMED_OUT
+            return await asyncio.shield(body)
         except asyncio.CancelledError:
-            await self._stop(body)
-            await self._end(RunState.CANCELED, error={"name": "RunCanceled", "message": "canceled"})
+            if not body.done():
+                self._stop_state = RunState.CANCELED
+            await body
             raise
 
-    async def _stop(self, body: asyncio.Task[RunExecutionResult]) -> None:
-        body.cancel()
-        try:
-            await body
-        except asyncio.CancelledError:
-            pass
+    async def _wait(
+        self,
+        condition: Callable[[], bool],
+        *,
+        # A workflow timer with a summary, which asyncio.timeout cannot give.
+        timeout: timedelta | None = None,  # noqa: ASYNC109
+        summary: str | None = None,
+    ) -> None:
+        """Wait for `condition`, raising `RunStoppedError` when the run is canceled or times out.
+
+        Raises `TimeoutError` when `timeout` passes first.
+        """
+        await workflow.wait_condition(
+            lambda: self._stop_state is not None or condition(),
+            timeout=timeout,
+            timeout_summary=summary,
+        )
+        if self._stop_state is not None:
+            raise RunStoppedError(self._stop_state)
 
     async def _drive(self) -> RunExecutionResult:
         try:
@@ -311,7 +333,7 @@ class RunExecutionWorkflow:
                 await self._wait_suspended_and_restore(self._pending)
 
             while self._finished is None:
-                await workflow.wait_condition(
+                await self._wait(
                     lambda: (
                         self._finished is not None
                         or self._pending is not None
@@ -329,11 +351,20 @@ class RunExecutionWorkflow:
             return await self._end(
                 RunState.FAILED, error={"name": error.name, "message": error.message}
             )
+        except RunStoppedError as stopped:
+            workflow.logger.info("run %s stopped: %s", self._run_id, stopped.state)
+            return await self._end(stopped.state, error=self._stop_error(stopped.state))
 
         finished = self._finished
         if finished.ok:
             return await self._end(RunState.COMPLETED, output=finished.output)
         return await self._end(RunState.FAILED, error=finished.error or {"name": "TaskFailed"})
+
+    def _stop_error(self, state: RunState) -> dict[str, Any]:
+        if state == RunState.TIMED_OUT:
+            limit = self._input.max_duration_s
+            return {"name": "RunTimedOut", "message": f"the run exceeded its maximum of {limit} s"}
+        return {"name": "RunCanceled", "message": "the run was canceled"}
 
     async def _provision(self) -> None:
         self._generation = 1
@@ -410,14 +441,14 @@ class RunExecutionWorkflow:
             timeout = due
         summary = f"{'wait for' if duration_first else timer} {suspend.waitpoint_id}"
         try:
-            await workflow.wait_condition(
+            await self._wait(
                 lambda: (
                     self._finished is not None
                     or self._suspend_seq != seq
                     or suspend.waitpoint_id in self._completed
                 ),
                 timeout=timeout,
-                timeout_summary=summary,
+                summary=summary,
             )
         except TimeoutError:
             if duration_first:
@@ -510,10 +541,10 @@ class RunExecutionWorkflow:
         timeout = timedelta(seconds=self._input.snapshot_callback_timeout_s)
         for check in range(1, MAX_SNAPSHOT_CHECKS + 1):
             try:
-                await workflow.wait_condition(
+                await self._wait(
                     lambda: request_id in self._snapshot_results,
                     timeout=timeout,
-                    timeout_summary=f"snapshot callback {request_id}",
+                    summary=f"snapshot callback {request_id}",
                 )
                 return self._snapshot_results.pop(request_id)
             except TimeoutError:
@@ -595,12 +626,12 @@ class RunExecutionWorkflow:
         while True:
             due = self._duration_left(suspend)
             try:
-                await workflow.wait_condition(
+                await self._wait(
                     lambda: (
                         suspend.waitpoint_id in self._completed or self._should_continue_as_new()
                     ),
                     timeout=due,
-                    timeout_summary=f"wait for {suspend.waitpoint_id}",
+                    summary=f"wait for {suspend.waitpoint_id}",
                 )
             except TimeoutError:
                 await self._complete_duration(suspend)
