@@ -1,0 +1,36 @@
+"""Replay committed workflow histories, so a change to workflow code that breaks
+determinism for runs already in flight fails here.
+
+Regenerate them with `VMFLOW_RECORD_HISTORIES=1 pytest tests/workflows` when
+a change is meant to be incompatible (and guard it with `workflow.patched`
+otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
+
+from tests.workflows.conftest import HISTORY_DIR
+from worker import WORKFLOWS
+
+HISTORIES = sorted(HISTORY_DIR.glob("*.json"))
+
+
+def test_replay_histories_are_committed() -> None:
+    names = {path.stem for path in HISTORIES}
+    assert {"run_snapshot_restore", "run_in_place", "deploy_required", "template_build"} <= names
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])
+async def test_replay_recorded_history(path: Path) -> None:
+    data = json.loads(path.read_text())
+    history = WorkflowHistory.from_json(f"replay-{path.stem}", data)
+
+    result = await Replayer(workflows=list(WORKFLOWS)).replay_workflow(history)
+
+    assert result.replay_failure is None
