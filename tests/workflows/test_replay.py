@@ -18,18 +18,22 @@ from temporalio.worker import Replayer
 from tests.workflows.conftest import HISTORY_DIR
 from worker import WORKFLOWS
 
-HISTORIES = sorted(HISTORY_DIR.glob("*.json"))
+HISTORIES: dict[str, Path] = {path.stem: path for path in sorted(HISTORY_DIR.glob("*.json"))}
+
+
+def load_history(name: str) -> WorkflowHistory:
+    data = json.loads(HISTORIES[name].read_text())
+    return WorkflowHistory.from_json(f"replay-{name}", data)
 
 
 def test_replay_histories_are_committed() -> None:
-    names = {path.stem for path in HISTORIES}
-    assert {"run_snapshot_restore", "run_in_place", "deploy_required", "template_build"} <= names
+    expected = {"run_snapshot_restore", "run_in_place", "deploy_required", "template_build"}
+    assert expected <= set(HISTORIES)
 
 
-@pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])
-async def test_replay_recorded_history(path: Path) -> None:
-    data = json.loads(path.read_text())
-    history = WorkflowHistory.from_json(f"replay-{path.stem}", data)
+@pytest.mark.parametrize("name", list(HISTORIES))
+async def test_replay_recorded_history(name: str) -> None:
+    history = load_history(name)
 
     result = await Replayer(workflows=list(WORKFLOWS)).replay_workflow(history)
 
