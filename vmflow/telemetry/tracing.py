@@ -66,9 +66,13 @@ def build_tracer_provider(
 
 
 def temporal_tracing_interceptor(provider: TracerProvider | None = None) -> TracingInterceptor:
-    """Return Temporal's OpenTelemetry interceptor, tracing through `provider` or the global one."""
+    """Return Temporal's OpenTelemetry interceptor, tracing through `provider` or the global one.
+
+    Workflow spans are created even for workflows started by a client without
+    the interceptor, so every run and deployment appears in traces.
+    """
     tracer = (provider or trace.get_tracer_provider()).get_tracer("temporalio")
-    return TracingInterceptor(tracer)
+    return TracingInterceptor(tracer, always_create_workflow_spans=True)
 
 
 @dataclass(frozen=True)
