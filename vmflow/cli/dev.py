@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -99,6 +100,8 @@ def dev(
             f"other shells use it with VMFLOW_DATA_DIR={directory} and "
             f"VMFLOW_API_URL={stack.api_url}. Press Ctrl-C to stop."
         )
+        # A pipe (a log collector, a test) sees the table now, not when a buffer fills.
+        sys.stdout.flush()
         while True:
             failed = stack.failed_component()
             if failed is not None:

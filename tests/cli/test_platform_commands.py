@@ -1,0 +1,241 @@
+"""deploy, trigger, runs and waitpoint commands against a real API server.
+
+Each command runs in a worker thread because it makes blocking HTTP calls to a
+server that serves from this test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+from click.testing import Result
+from typer.testing import CliRunner
+
+from tests.api.conftest import ApiServer, deploy, unique
+from vmflow.cli.main import app
+from vmflow.gateway.images import ImageStore
+from vmflow.storage.db import session_scope
+from vmflow.storage.models import (
+    RunLogLine,
+    TaskRun,
+    TaskRunStatus,
+    Waitpoint,
+    WaitpointKind,
+    utc_now,
+)
+from workflows import contract
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+async def invoke(api: ApiServer, *args: str, **env: str) -> Result:
+    environment = {
+        "VMFLOW_API_URL": api.url,
+        "VMFLOW_API_KEY": api.api_key,
+        "COLUMNS": "200",
+        **env,
+    }
+    runner = CliRunner()
+    return await asyncio.to_thread(runner.invoke, app, list(args), env=environment)
+
+
+def _run_id(output: str) -> str:
+    match = re.search(r"run (run_[0-9a-f]+)", output)
+    assert match, output
+    return match.group(1)
+
+
+async def test_deploy_with_explicit_tasks(api_server: ApiServer) -> None:
+    project = unique("proj")
+    result = await invoke(
+        api_server,
+        "deploy",
+        "app:1",
+        "--project",
+        project,
+        "--version",
+        "1",
+        "--task",
+        "alpha",
+        "--task",
+        "beta",
+        "--no-wait",
+    )
+    assert result.exit_code == 0, result.output
+    assert f"of {project} version 1: alpha, beta" in result.output
+
+
+async def test_deploy_reads_tasks_from_local_image(api_server: ApiServer, tmp_path: Path) -> None:
+    image_dir = tmp_path / "images"
+    ImageStore(image_dir).build(EXAMPLES / "duration-wait", "duration-wait:test")
+    result = await invoke(
+        api_server,
+        "deploy",
+        "duration-wait:test",
+        "--project",
+        unique("proj"),
+        "--no-wait",
+        VMFLOW_GATEWAY_IMAGE_DIR=str(image_dir),
+    )
+    assert result.exit_code == 0, result.output
+    assert "duration-wait, duration-wait-async" in result.output
+
+
+async def test_deploy_missing_image_names_fix(api_server: ApiServer, tmp_path: Path) -> None:
+    result = await invoke(
+        api_server,
+        "deploy",
+        "nothing:here",
+        "--no-wait",
+        VMFLOW_GATEWAY_IMAGE_DIR=str(tmp_path / "empty"),
+    )
+    assert result.exit_code == 1
+    assert "vmflow image build" in result.output
+
+
+async def test_trigger_wait_shows_state_changes(api_server: ApiServer) -> None:
+    deployment = await deploy(api_server)
+    command = asyncio.create_task(
+        invoke(
+            api_server,
+            "trigger",
+            "approval-report",
+            "--deployment",
+            deployment["id"],
+            "--payload",
+            '{"year": 2015}',
+            "--wait",
+            "--timeout",
+            "60",
+        )
+    )
+
+    # Play the worker's part: move the run through its states in the database.
+    run_id = await _wait_for_run(api_server, deployment["id"])
+    for status, output in (
+        (TaskRunStatus.EXECUTING, None),
+        (TaskRunStatus.SUSPENDED, None),
+        (TaskRunStatus.COMPLETED, {"report": "done"}),
+    ):
+        await asyncio.sleep(0.6)
+        with session_scope(api_server.sessions) as session:
+            run = session.get(TaskRun, run_id)
+            assert run is not None
+            run.status = status
+            run.output = output
+
+    result = await asyncio.wait_for(command, timeout=60)
+    assert result.exit_code == 0, result.output
+    assert _run_id(result.output) == run_id
+    for status in ("PENDING", "EXECUTING", "SUSPENDED", "COMPLETED"):
+        assert f"status {status}" in result.output
+    assert '"report": "done"' in result.output
+
+
+async def _wait_for_run(api: ApiServer, deployment_id: str) -> str:
+    deadline = asyncio.get_running_loop().time() + 30
+    while asyncio.get_running_loop().time() < deadline:
+        with session_scope(api.sessions) as session:
+            run = session.query(TaskRun).filter_by(deployment_id=deployment_id).one_or_none()
+            if run is not None:
+                return run.id
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no run of deployment {deployment_id} within 30 s")
+
+
+async def test_trigger_failed_run_exits_1(api_server: ApiServer) -> None:
+    deployment = await deploy(api_server)
+    command = asyncio.create_task(
+        invoke(
+            api_server,
+            "trigger",
+            "approval-report",
+            "--deployment",
+            deployment["id"],
+            "--wait",
+            "--timeout",
+            "60",
+        )
+    )
+    run_id = await _wait_for_run(api_server, deployment["id"])
+    with session_scope(api_server.sessions) as session:
+        run = session.get(TaskRun, run_id)
+        assert run is not None
+        run.status = TaskRunStatus.FAILED
+        run.error = {"name": "ValueError", "message": "bad year"}
+
+    result = await asyncio.wait_for(command, timeout=60)
+    assert result.exit_code == 1
+    assert "ValueError: bad year" in result.output
+
+
+async def test_runs_get_list_logs_cancel(api_server: ApiServer) -> None:
+    deployment = await deploy(api_server)
+    triggered = await invoke(
+        api_server, "trigger", "approval-report", "--deployment", deployment["id"]
+    )
+    run_id = _run_id(triggered.output)
+    await api_server.wait_for_message(contract.run_workflow_id(run_id), "input")
+    with session_scope(api_server.sessions) as session:
+        session.add(RunLogLine(run_id=run_id, message="aggregated 12 months", logged_at=utc_now()))
+
+    got = await invoke(api_server, "runs", "get", run_id)
+    listed = await invoke(api_server, "runs", "list", "--deployment", deployment["id"])
+    logs = await invoke(api_server, "runs", "logs", run_id)
+    canceled = await invoke(api_server, "runs", "cancel", run_id)
+    canceled_again_missing = await invoke(api_server, "runs", "cancel", "run_missing")
+
+    assert got.exit_code == 0, got.output
+    assert "PENDING" in got.output
+    assert listed.exit_code == 0
+    assert run_id in listed.output
+    assert logs.exit_code == 0
+    assert "aggregated 12 months" in logs.output
+    assert canceled.exit_code == 0, canceled.output
+    assert "cancellation requested" in canceled.output
+    assert canceled_again_missing.exit_code == 1
+    assert "404" in canceled_again_missing.output
+
+
+async def test_waitpoint_complete_and_duplicate(api_server: ApiServer) -> None:
+    deployment = await deploy(api_server)
+    triggered = await invoke(
+        api_server, "trigger", "approval-report", "--deployment", deployment["id"]
+    )
+    run_id = _run_id(triggered.output)
+    with session_scope(api_server.sessions) as session:
+        waitpoint = Waitpoint(run_id=run_id, kind=WaitpointKind.TOKEN, idempotency_key="a")
+        session.add(waitpoint)
+        session.flush()
+        token_id = waitpoint.id
+
+    first = await invoke(
+        api_server, "waitpoint", "complete", token_id, "--output", '{"approver": "me"}'
+    )
+    second = await invoke(api_server, "waitpoint", "complete", token_id)
+    invalid = await invoke(api_server, "waitpoint", "complete", token_id, "--output", "{")
+
+    assert first.exit_code == 0, first.output
+    assert f"completed token {token_id}" in first.output
+    assert second.exit_code == 1
+    assert "409" in second.output
+    assert "already COMPLETED" in second.output
+    assert invalid.exit_code == 2
+    assert "--output is not valid JSON" in invalid.output
+
+
+async def test_wrong_api_key_exits_1(api_server: ApiServer) -> None:
+    result = await invoke(api_server, "runs", "list", VMFLOW_API_KEY="wrong")
+    assert result.exit_code == 1
+    assert "401" in result.output
+
+
+async def test_unreachable_api_names_fix(api_server: ApiServer, closed_tcp_port: int) -> None:
+    result = await invoke(
+        api_server, "runs", "list", VMFLOW_API_URL=f"http://127.0.0.1:{closed_tcp_port}"
+    )
+    assert result.exit_code == 1
+    assert "cannot reach the vmflow API" in result.output
+    assert "vmflow dev" in result.output
