@@ -264,12 +264,16 @@ class Gateway:
         logger.info("instance %s (%s) deleted", record.id, record.name)
 
     async def delete_all_instances(self) -> None:
-        """Delete every instance, waiting for snapshots in flight first; for tests and teardown."""
+        """Delete every instance, waiting for snapshots in flight first, for tests and teardown.
+
+        Then the driver removes what instances share, such as the sandbox's cgroup parent.
+        """
         if self._work:
             await asyncio.wait(list(self._work), timeout=60)
         for record in list(self.instances.values()):
             if record.state != InstanceState.DELETED and not record.template_build:
                 await self.delete_instance(record.id)
+        self.driver.release_shared()
 
     # Snapshots
 

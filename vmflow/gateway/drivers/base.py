@@ -83,6 +83,10 @@ class Driver(Protocol):
 
     def is_alive(self, runtime: Runtime) -> bool: ...
 
+    def release_shared(self) -> None:
+        """Remove host resources that instances share, if none is in use; best effort."""
+        ...
+
     async def wait(self, runtime: Runtime) -> None:
         """Return once the instance's processes have exited."""
         ...

@@ -59,6 +59,17 @@ class CgroupSet:
                 f"cannot create cgroups for instance {self.instance_id}: {error}"
             ) from error
 
+    @staticmethod
+    def remove_parent(parent: str, root: Path = CGROUP_ROOT) -> None:
+        """Remove the parent directories; a parent that still has instances stays."""
+        for name in CONTROLLERS:
+            try:
+                (root / name / parent).rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                logger.debug("cgroup parent %s/%s stays: %s", name, parent, error)
+
     def procs_files(self) -> list[Path]:
         return [path / "cgroup.procs" for path in self.paths.values()]
 

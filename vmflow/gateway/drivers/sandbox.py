@@ -422,6 +422,9 @@ class SandboxDriver:
                     await asyncio.wait_for(launcher.wait(), 5)
         await asyncio.to_thread(cgroups.remove)
 
+    def release_shared(self) -> None:
+        CgroupSet.remove_parent(self.settings.cgroup_parent)
+
     def is_alive(self, runtime: Runtime) -> bool:
         start_time = _start_time(runtime.pid)
         return start_time is not None and start_time == runtime.start_time
