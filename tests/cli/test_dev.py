@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vmflow.cli.local import read_secrets, secrets_path
+from vmflow.cli.local import read_secrets, read_stack_addresses, secrets_path
 
 VMFLOW = [sys.executable, "-m", "vmflow.cli.main"]
 PARTS = ("temporal", "gateway", "api", "worker")
@@ -87,6 +87,7 @@ def test_dev_starts_all_parts_and_stops_them(tmp_path: Path) -> None:
         assert set(pids) == set(PARTS), output
         for part in PARTS:
             assert _alive(pids[part]), part
+        assert read_stack_addresses(data_dir) is not None
 
         # Secrets live in the data directory, readable only by their owner.
         assert secrets_path(data_dir).stat().st_mode & 0o777 == 0o600
@@ -118,9 +119,12 @@ def test_dev_starts_all_parts_and_stops_them(tmp_path: Path) -> None:
     for log in PARTS:
         assert (data_dir / "logs" / f"{log}.log").is_file()
     assert (data_dir / "temporal.db").is_file()
+    assert read_stack_addresses(data_dir) is None
+    secrets = read_secrets(secrets_path(data_dir))
     for part in PARTS:
         log_text = (data_dir / "logs" / f"{part}.log").read_text()
-        assert api_key not in log_text, f"{part}'s log contains the API key"
+        for name, value in vars(secrets).items():
+            assert value not in log_text, f"{part}'s log contains the {name}"
 
 
 def test_dev_rejects_busy_port(tmp_path: Path) -> None:

@@ -30,7 +30,14 @@ from vmflow.cli.client import ApiClient, ApiClientError
 from vmflow.cli.common import console, error_console, poll_until
 from vmflow.cli.deploy import ImageInspectionError, deploy_image, wait_for_deployment
 from vmflow.cli.dev import stack_table
-from vmflow.cli.local import LocalStateError, resolve_api_key, resolve_api_url
+from vmflow.cli.local import (
+    DEFAULT_TEMPORAL_ADDRESS,
+    DEFAULT_TEMPORAL_UI_URL,
+    LocalStateError,
+    read_stack_addresses,
+    resolve_api_key,
+    resolve_api_url,
+)
 from vmflow.cli.runs import FINAL_STATUSES, run_watcher
 from vmflow.cli.stack import LocalStack, StackError, StackPorts, free_port
 from vmflow.cli.timeline import RunTimeline, read_run_timeline
@@ -178,11 +185,13 @@ def _running_stack(api_url: str) -> DemoTargets | None:
         return None
     if not healthy:
         return None
+    addresses = read_stack_addresses()
     return DemoTargets(
         api_url=api_url,
         api_key=resolve_api_key(),
-        temporal_address=os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"),
-        temporal_ui_url=os.environ.get("VMFLOW_TEMPORAL_UI_URL", "http://127.0.0.1:8233"),
+        temporal_address=os.environ.get("TEMPORAL_ADDRESS")
+        or (addresses.temporal_address if addresses else DEFAULT_TEMPORAL_ADDRESS),
+        temporal_ui_url=addresses.temporal_ui_url if addresses else DEFAULT_TEMPORAL_UI_URL,
     )
 
 

@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from vmflow.cli.common import console, error_console
-from vmflow.cli.local import secrets_path
+from vmflow.cli.local import secrets_path, stack_path
 from vmflow.cli.stack import LocalStack, StackError, StackPorts
 from vmflow.config import default_data_dir
 from vmflow.storage.db import redact_url
@@ -96,9 +96,10 @@ def dev(
             stack.start()
         console.print(stack_table(stack))
         console.print(
-            f"API key in {secrets_path(directory)}; "
-            f"other shells use it with VMFLOW_DATA_DIR={directory} and "
-            f"VMFLOW_API_URL={stack.api_url}. Press Ctrl-C to stop."
+            f"API key in {secrets_path(directory)}, addresses in {stack_path(directory)}; "
+            f"vmflow commands in other shells find both there (with VMFLOW_DATA_DIR={directory} "
+            f"unless that is the default). API at VMFLOW_API_URL={stack.api_url}. "
+            "Press Ctrl-C to stop."
         )
         # A pipe (a log collector, a test) sees the table now, not when a buffer fills.
         sys.stdout.flush()

@@ -16,7 +16,11 @@ from pathlib import Path
 from vmflow.config import default_data_dir
 
 SECRETS_FILE = "secrets.json"
+# Written by a running `vmflow dev` (or demo) stack: where its parts listen.
+STACK_FILE = "stack.json"
 DEFAULT_API_URL = "http://127.0.0.1:8080"
+DEFAULT_TEMPORAL_ADDRESS = "127.0.0.1:7233"
+DEFAULT_TEMPORAL_UI_URL = "http://127.0.0.1:8233"
 
 
 class LocalStateError(RuntimeError):
@@ -97,5 +101,39 @@ def resolve_api_key(data_dir: Path | None = None) -> str:
     )
 
 
-def resolve_api_url() -> str:
-    return os.environ.get("VMFLOW_API_URL", DEFAULT_API_URL).rstrip("/")
+@dataclass(frozen=True)
+class StackAddresses:
+    """Where the parts of a running local stack listen."""
+
+    api_url: str
+    temporal_address: str
+    temporal_ui_url: str
+    gateway_url: str
+
+
+def stack_path(data_dir: Path | None = None) -> Path:
+    return (data_dir or default_data_dir()) / STACK_FILE
+
+
+def write_stack_addresses(data_dir: Path, addresses: StackAddresses) -> None:
+    path = stack_path(data_dir)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(asdict(addresses)))
+    temporary.replace(path)
+
+
+def read_stack_addresses(data_dir: Path | None = None) -> StackAddresses | None:
+    """Return the addresses a running stack wrote, or None when no stack wrote any."""
+    try:
+        return StackAddresses(**json.loads(stack_path(data_dir).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def resolve_api_url(data_dir: Path | None = None) -> str:
+    """Return VMFLOW_API_URL, else the running local stack's API, else the default port."""
+    configured = os.environ.get("VMFLOW_API_URL")
+    if configured:
+        return configured.rstrip("/")
+    addresses = read_stack_addresses(data_dir)
+    return addresses.api_url if addresses else DEFAULT_API_URL

@@ -30,7 +30,13 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
-from vmflow.cli.local import LocalSecrets, load_or_create_secrets
+from vmflow.cli.local import (
+    LocalSecrets,
+    StackAddresses,
+    load_or_create_secrets,
+    stack_path,
+    write_stack_addresses,
+)
 from vmflow.storage import migrate
 from vmflow.storage.db import redact_url
 from workflows import contract
@@ -176,6 +182,15 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
+        write_stack_addresses(
+            self.data_dir,
+            StackAddresses(
+                api_url=self.api_url,
+                temporal_address=self.temporal_address,
+                temporal_ui_url=self.temporal_ui_url,
+                gateway_url=self.gateway_url,
+            ),
+        )
 
     def _spawn(self, name: str, address: str, command: list[str]) -> Component:
         log_path = self.data_dir / "logs" / f"{name}.log"
@@ -296,6 +311,8 @@ class LocalStack:
 
     def stop(self) -> None:
         """Stop the children in reverse start order: SIGTERM, then SIGKILL after a bounded wait."""
+        if self.components:
+            stack_path(self.data_dir).unlink(missing_ok=True)
         for component in reversed(self.components):
             process = component.process
             if process.poll() is None:
