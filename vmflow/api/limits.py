@@ -20,7 +20,7 @@ def _too_large(limit: int) -> str:
 class BodySizeLimitMiddleware:
     """Reject bodies over `max_bytes`, by Content-Length up front and by counting streamed chunks.
 
-    A declared length over the limit is answered before the route runs. A
+    A declared length over the limit is rejected before the route runs. A
     chunked body that grows past the limit raises `HTTPException(413)` from
     `receive`, which FastAPI passes through to the app's error handlers.
     """

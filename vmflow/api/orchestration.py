@@ -39,7 +39,7 @@ def _trace_context() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What a run's workflow needs from the database to start."""
+    """Values from the database that a run's workflow starts with."""
 
     run_id: str
     deployment_id: str

@@ -257,7 +257,7 @@ async def list_runs(
             query = query.where(TaskRun.deployment_id == deployment_id)
         query = query.order_by(TaskRun.created_at.desc(), TaskRun.id.desc())
         with session_scope(request.app.state.session_factory) as session:
-            # One row more than the page tells whether another page follows.
+            # Fetching one row more than the page shows whether another page follows.
             rows = list(session.scalars(query.offset(offset).limit(limit + 1)))
             runs = [run_response(run) for run in rows[:limit]]
         return RunListResponse(runs=runs, next_offset=offset + limit if len(rows) > limit else None)

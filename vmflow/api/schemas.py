@@ -154,7 +154,7 @@ class CallbackAccepted(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Body of every 4xx and 5xx answer."""
+    """Body of every 4xx and 5xx response."""
 
     error: str = Field(description="Short machine-readable name, such as run_not_found.")
     detail: str = Field(description="What is wrong and how to fix it.")

@@ -1,6 +1,6 @@
 """`RunEvents` delivered as signals to the run's `RunExecutionWorkflow`.
 
-The workload API reports what a runner does through `RunEvents`; this
+The workload API reports what a runner does through `RunEvents`. This
 implementation turns each event into the signal of the same name that
 `workflows.contract` defines, sent to `run-<run id>`. Signals are delivered
 at least once: the workload API repeats an event when a runner retries, and

@@ -54,7 +54,7 @@ def _claim(factory: sessionmaker[Session], token_id: str, output: object) -> Wai
 
 
 def _release(factory: sessionmaker[Session], token_id: str) -> None:
-    """Undo `_claim` after the run could not be told, so the token can be completed again."""
+    """Undo `_claim` when the run did not receive the completion, so a retry can complete it."""
     with session_scope(factory) as session:
         session.execute(
             update(Waitpoint)

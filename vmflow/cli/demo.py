@@ -1,7 +1,7 @@
 """`vmflow demo`: deploy the example image, run the approval task through a snapshot, show how.
 
-The demo uses a running stack when the API answers at VMFLOW_API_URL and
-starts one of its own otherwise (stopped again at the end). Steps: build
+The demo uses a running stack when its API responds at VMFLOW_API_URL and
+starts one of its own otherwise, which it stops at the end. Steps: build
 `examples/approval-report`, deploy it with a pre-warmed template, trigger
 `approval-report` on Seattle's weather data, wait until the suspended run
 has been snapshotted, complete its approval token, and print the timeline
@@ -55,7 +55,7 @@ DEMO_SNAPSHOT_DELAY_MS = 2000
 
 @dataclass
 class DemoTargets:
-    """Where the demo's stack listens, whether it was started here or found running."""
+    """Addresses and key of the demo's stack, whether it was started here or found running."""
 
     api_url: str
     api_key: str
@@ -178,7 +178,7 @@ def print_result(result: DemoResult) -> None:
 
 
 def _running_stack(api_url: str) -> DemoTargets | None:
-    """Return the targets of a stack already serving at `api_url`, or None when none answers."""
+    """Return the targets of a stack already serving at `api_url`, or None when none responds."""
     try:
         healthy = httpx.get(f"{api_url}/healthz", timeout=2).status_code == 200
     except httpx.TransportError:

@@ -101,7 +101,7 @@ def dev(
             f"unless that is the default). API at VMFLOW_API_URL={stack.api_url}. "
             "Press Ctrl-C to stop."
         )
-        # A pipe (a log collector, a test) sees the table now, not when a buffer fills.
+        # Flushed so that a pipe (a log collector, a test) receives the table now.
         sys.stdout.flush()
         while True:
             failed = stack.failed_component()

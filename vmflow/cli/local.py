@@ -1,7 +1,7 @@
 """Local state of the CLI: the secrets `vmflow dev` generates and where the API listens.
 
 `vmflow dev` writes `secrets.json` (mode 0600) into the data directory once and
-passes the values to every process it starts; the other commands read the API
+passes the values to every process it starts. The other commands read the API
 key from VMFLOW_API_KEY or, when that is unset, from the same file.
 """
 
@@ -24,7 +24,7 @@ DEFAULT_TEMPORAL_UI_URL = "http://127.0.0.1:8233"
 
 
 class LocalStateError(RuntimeError):
-    """Local state is missing or unreadable; the message says how to create it."""
+    """Local state is missing or unreadable; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def resolve_api_key(data_dir: Path | None = None) -> str:
 
 @dataclass(frozen=True)
 class StackAddresses:
-    """Where the parts of a running local stack listen."""
+    """Addresses of the parts of a running local stack."""
 
     api_url: str
     temporal_address: str

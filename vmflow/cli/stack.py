@@ -1,7 +1,7 @@
 """The one-machine stack: Temporal dev server, database, gateway, API and worker as child processes.
 
-`LocalStack.start()` starts each part, waits until it is healthy, and stops
-what it started if any part fails; `stop()` ends the children in reverse
+`LocalStack.start()` starts each part and waits until it is healthy. If any
+part fails, it stops what it started. `stop()` ends the children in reverse
 order, each with SIGTERM and, after a bounded wait, SIGKILL. Children run in
 their own sessions, so a Ctrl-C in the terminal reaches only the CLI, which
 then stops them in order. Each child's output goes to `<data dir>/logs/`.
