@@ -239,7 +239,7 @@ def demo(
             )
             with console.status("starting the local stack for the demo"):
                 stack.start()
-            console.print(stack_table(stack))
+            console.print(stack_table(stack, title="local stack of the demo"))
             assert stack.secrets is not None
             targets = DemoTargets(
                 api_url=stack.api_url,

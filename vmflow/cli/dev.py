@@ -41,8 +41,8 @@ GatewayPortOption = Annotated[
 ]
 
 
-def stack_table(stack: LocalStack) -> Table:
-    table = Table(title="vmflow dev", title_justify="left")
+def stack_table(stack: LocalStack, title: str = "vmflow dev") -> Table:
+    table = Table(title=title, title_justify="left")
     table.add_column("part")
     table.add_column("listens at")
     table.add_column("pid", justify="right")
