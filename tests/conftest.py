@@ -212,7 +212,7 @@ def postgres_url() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _postgres_schema(session_database_url: str) -> Iterator[str]:
+def postgres_schema(session_database_url: str) -> Iterator[str]:
     """Create a schema in the session database; yield a URL whose search_path is it."""
     schema = f"t_{uuid.uuid4().hex[:16]}"
     admin = create_engine(session_database_url, isolation_level="AUTOCOMMIT")
@@ -259,7 +259,7 @@ def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
         yield f"sqlite:///{tmp_path / 'vmflow.db'}"
         return
     session_database_url: str = request.getfixturevalue("postgres_url")
-    with _postgres_schema(session_database_url) as url:
+    with postgres_schema(session_database_url) as url:
         yield url
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, MetaData, inspect, text
 
+from tests.conftest import postgres_schema
 from vmflow.storage import migrate
 from vmflow.storage.db import DatabaseError, create_engine_from_url
 from vmflow.storage.models import Base
@@ -186,3 +189,22 @@ def test_unknown_revision_is_a_database_error(tmp_path: Path) -> None:
     migrate.upgrade(url)
     with pytest.raises(DatabaseError, match="no_such_revision"):
         migrate.downgrade(url, "no_such_revision")
+
+
+@pytest.mark.postgres
+def test_concurrent_upgrades_on_postgres_take_turns(postgres_url: str) -> None:
+    """Processes that start together (API, worker) may both upgrade; neither fails."""
+    with postgres_schema(postgres_url) as url:
+        script = "import sys; from vmflow.storage import migrate; migrate.upgrade(sys.argv[1])"
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, url],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        outputs = [process.communicate(timeout=120)[0] for process in processes]
+        assert [process.returncode for process in processes] == [0] * 3, outputs
+        assert migrate.current(url) == migrate.head()

@@ -10,13 +10,16 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from alembic import context
-from sqlalchemy import Connection, event, pool
+from sqlalchemy import Connection, event, pool, text
 
 from vmflow.storage.db import create_engine_from_url
 from vmflow.storage.models import Base, UtcDateTime
 
 config = context.config
 target_metadata = Base.metadata
+
+# pg_advisory_xact_lock key held while migrating ("vmflow" in ASCII).
+_MIGRATION_LOCK_KEY = 0x766D666C6F77
 
 
 def _url() -> str:
@@ -77,6 +80,12 @@ def run_migrations_online() -> None:
         with engine.connect() as connection:
             _configure(connection=connection)
             with context.begin_transaction():
+                if engine.dialect.name == "postgresql":
+                    # Processes starting together (API, worker) migrate one at a time; the
+                    # second then finds the schema at head. Released at commit.
+                    connection.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+                    )
                 context.run_migrations()
                 if is_sqlite:
                     _check_sqlite_foreign_keys(connection)
