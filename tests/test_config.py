@@ -84,6 +84,8 @@ def test_valid_values_are_read_from_the_environment(monkeypatch: pytest.MonkeyPa
         ("TEMPORAL_ADDRESS", "localhost:70000", "HOST:PORT"),
         ("TEMPORAL_ADDRESS", ":7233", "HOST:PORT"),
         ("DATABASE_URL", "mysql://root@localhost/vmflow", "sqlite:///PATH"),
+        ("DATABASE_URL", "postgresql", "sqlite:///PATH"),
+        ("DATABASE_URL", "sqlitefoo:///x.db", "sqlite:///PATH"),
         ("COMPUTE_SNAPSHOTS_ENABLED", "maybe", "boolean"),
     ],
 )

@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     @field_validator("DATABASE_URL")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        if not value.startswith(("sqlite", "postgresql")):
+        scheme, separator, _ = value.partition("://")
+        if not separator or scheme.split("+", 1)[0] not in ("sqlite", "postgresql"):
             raise ValueError(
                 f"expected a sqlite:///PATH or postgresql+psycopg://… URL, got {value!r}"
             )

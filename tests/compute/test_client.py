@@ -282,10 +282,6 @@ def test_from_settings_without_gateway_names_the_variable(
         ComputeClient.from_settings(load_settings())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ComputeClient builds the error URL with URL.join, which drops a base path prefix",
-)
 async def test_error_url_keeps_a_base_path_prefix() -> None:
     recorder = Recorder(httpx.Response(404))
     async with ComputeClient(

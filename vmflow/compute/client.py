@@ -105,9 +105,10 @@ class ComputeClient:
         """Send one request; return the response on 2xx and raise a `ComputeError` otherwise."""
         content = None if body is None else body.model_dump_json(by_alias=True, exclude_none=True)
         headers = {"Content-Type": "application/json"} if content is not None else None
-        url = str(self._http.base_url.join(path))
+        request = self._http.build_request(method, path, content=content, headers=headers)
+        url = str(request.url)
         try:
-            response = await self._http.request(method, path, content=content, headers=headers)
+            response = await self._http.send(request)
         except httpx.TimeoutException as error:
             raise ComputeTimeoutError(
                 f"{method} {url} timed out after {self._http.timeout.read} s; "
