@@ -3,7 +3,7 @@
 A run requests a suspend at a token waitpoint, and the harness resolves the
 waitpoint after 10%, 50%, 90% and 200% of COMPUTE_SNAPSHOT_DELAY_MS, counted
 from the suspend request. Below 100% the waitpoint wins the race against the
-delay timer and the run continues in place, so no snapshot is expected; at
+delay timer and the run continues in place, so no snapshot is expected. At
 200% the run has been snapshotted and released, and resolving it restores
 the snapshot. The latency is from the waitpoint's resolution (the signal
 sent) until the run's EXECUTING status is stored again.
@@ -113,6 +113,6 @@ def report(result: DelayedSnapshotsResult) -> None:
         + ("" if below == 0 else "  <-- UNEXPECTED")
     )
     emit(
-        "NOTE: the 200% row restores through the gateway double, which answers at once; "
+        "NOTE: the 200% row restores through the gateway double, which returns at once; "
         "the resume benchmark measures a real CRIU restore."
     )

@@ -54,7 +54,7 @@ REAL_PARTS = (
     "gateway/database/span activities, SQLite database"
 )
 SIMULATED_PARTS = (
-    "simulated: the compute gateway (tests/workflows/gateway_double.py, answers at once) and "
+    "simulated: the compute gateway (tests/workflows/gateway_double.py, returns at once) and "
     "the runner and supervisor API (the harness sends their signals)"
 )
 API_URL = "http://127.0.0.1:9/bench-api"

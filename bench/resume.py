@@ -36,6 +36,7 @@ from vmflow.cli.client import ApiClient
 from vmflow.cli.common import poll_until
 from vmflow.cli.deploy import deploy_image, wait_for_deployment
 from vmflow.cli.stack import LocalStack, StackPorts
+from vmflow.gateway.drivers.cgroups import CgroupSet
 from vmflow.gateway.images import ImageStore
 from vmflow.gateway.settings import load_gateway_settings
 from vmflow.storage.models import WorkloadType
@@ -76,16 +77,16 @@ def _final_run(client: ApiClient, run_id: str) -> dict[str, Any]:
 def _resume_once(client: ApiClient, deployment_id: str, *, snapshotted: bool) -> tuple[str, float]:
     """Trigger a run, complete its token at the chosen point; return (run id, latency s)."""
     run_id = client.trigger(TASK_ID, {"deployment_id": deployment_id, "payload": {}})["run_id"]
-    wanted = "SUSPENDED" if snapshotted else "SUSPENDING"
+    expected_status = "SUSPENDED" if snapshotted else "SUSPENDING"
     run = poll_until(
         lambda: client.get_run(run_id),
-        lambda run: run["status"] == wanted or run["status"] in FINAL_STATUSES,
+        lambda run: run["status"] == expected_status or run["status"] in FINAL_STATUSES,
         timeout_s=STEP_TIMEOUT_S,
         interval_s=POLL_INTERVAL_S,
-        what=f"run {run_id} reaching {wanted}",
+        what=f"run {run_id} reaching {expected_status}",
     )
-    if run["status"] != wanted:
-        raise RuntimeError(f"run {run_id} ended {run['status']} before it was {wanted}")
+    if run["status"] != expected_status:
+        raise RuntimeError(f"run {run_id} ended {run['status']} before it was {expected_status}")
     token = next(
         waitpoint
         for waitpoint in run["waitpoints"]
@@ -138,12 +139,13 @@ def measure(repeats: int, warmup: int, snapshot_delay_ms: int) -> ResumeResult:
         os.environ["VMFLOW_DATA_DIR"] = str(data_dir)
         try:
             ImageStore(load_gateway_settings().image_dir).build(IMAGE_DIR, IMAGE)
+            cgroup_parent = f"vmflow-bench-{uuid.uuid4().hex[:8]}"
             stack = LocalStack(
                 data_dir,
                 StackPorts(temporal=0, temporal_ui=0, api=0, gateway=0),
                 environment={
                     "COMPUTE_SNAPSHOT_DELAY_MS": str(snapshot_delay_ms),
-                    "VMFLOW_GATEWAY_CGROUP_PARENT": f"vmflow-bench-{uuid.uuid4().hex[:8]}",
+                    "VMFLOW_GATEWAY_CGROUP_PARENT": cgroup_parent,
                 },
             )
             stack.start()
@@ -152,6 +154,8 @@ def measure(repeats: int, warmup: int, snapshot_delay_ms: int) -> ResumeResult:
                 timings = asyncio.run(_restore_timings(stack.temporal_address, snapshotted_runs))
             finally:
                 stack.stop()
+                # The stopped gateway may leave its empty cgroup parent behind.
+                CgroupSet.remove_parent(cgroup_parent)
         finally:
             if previous_data_dir is None:
                 os.environ.pop("VMFLOW_DATA_DIR", None)

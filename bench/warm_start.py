@@ -1,9 +1,9 @@
 """Warm start: instance create from a template versus a cold boot, per driver.
 
-The measurement is `bench/gateway.py`'s, the gateway's own benchmark: a real
-gateway with the sandbox driver and CRIU in this process, an image whose
-program imports what a typical task imports and keeps a list in memory, and
-each create timed from the request until the program's next output line.
+The measurement is `bench/gateway.py`'s, the gateway's own benchmark. It runs
+a real gateway with the sandbox driver and CRIU in this process, and an image
+whose program imports what a typical task imports and keeps a list in memory.
+Each create is timed from the request until the program's next output line.
 The same call also times snapshot and restore, which the `gateway` benchmark
 prints; one invocation of the suite measures all of it once.
 """
@@ -54,7 +54,7 @@ def _row(table: Table, label: str, samples: list[float], baseline: float | None 
 def report_warm_start(result: GatewayResult) -> None:
     emit(
         "real: gateway (bench/gateway.py) with the sandbox driver and CRIU, in this process; "
-        f"{result.runs} creates each, program holds {result.list_size:,} integers, "
+        f"{result.runs} creates each, program keeps {result.list_size:,} integers, "
         f"{os.cpu_count()} CPUs"
     )
     emit("create is timed from the request until the program prints its next line")
