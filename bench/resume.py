@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import tempfile
 import time
 import uuid
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.converter import DataConverter
@@ -58,6 +60,7 @@ class ResumeResult:
     in_place_s: list[float] = field(default_factory=list)
     restore_call_s: list[float] = field(default_factory=list)
     driver_restore_s: list[float] = field(default_factory=list)
+    snapshot_bytes: list[int] = field(default_factory=list)
     floor: criu_floor.CriuFloorResult | None = None
 
 
@@ -74,8 +77,27 @@ def _final_run(client: ApiClient, run_id: str) -> dict[str, Any]:
     return run
 
 
-def _resume_once(client: ApiClient, deployment_id: str, *, snapshotted: bool) -> tuple[str, float]:
-    """Trigger a run, complete its token at the chosen point; return (run id, latency s)."""
+@dataclass
+class ResumeSample:
+    run_id: str
+    latency_s: float
+    # Size of the run's snapshot as the gateway reports it; None when there was none.
+    snapshot_bytes: int | None = None
+
+
+def _snapshot_bytes(gateway: httpx.Client, run: dict[str, Any]) -> int | None:
+    """Return the size of the run's newest snapshot, read from the gateway while it exists."""
+    snapshot_id = run["checkpoints"][-1]["location"]
+    response = gateway.get(f"/api/snapshots/{snapshot_id}")
+    response.raise_for_status()
+    size: int | None = response.json().get("size_bytes")
+    return size
+
+
+def _resume_once(
+    client: ApiClient, gateway: httpx.Client, deployment_id: str, *, snapshotted: bool
+) -> ResumeSample:
+    """Trigger a run and complete its token at the chosen point; return the latency."""
     run_id = client.trigger(TASK_ID, {"deployment_id": deployment_id, "payload": {}})["run_id"]
     expected_status = "SUSPENDED" if snapshotted else "SUSPENDING"
     run = poll_until(
@@ -92,6 +114,8 @@ def _resume_once(client: ApiClient, deployment_id: str, *, snapshotted: bool) ->
         for waitpoint in run["waitpoints"]
         if waitpoint["kind"] == "TOKEN" and waitpoint["status"] == "PENDING"
     )
+    # The run deletes its snapshot when it ends, so the size is read before the token.
+    snapshot_bytes = _snapshot_bytes(gateway, run) if snapshotted else None
 
     sent_ns = time.time_ns()
     client.complete_token(token["id"], {"sent_at_ns": sent_ns})
@@ -105,7 +129,7 @@ def _resume_once(client: ApiClient, deployment_id: str, *, snapshotted: bool) ->
             f"restored; it has {len(run['checkpoints'])} checkpoints and ran as "
             f"{output['started_as_runner']} then {output['finished_as_runner']}"
         )
-    return run_id, (output["resumed_at_ns"] - sent_ns) / 1e9
+    return ResumeSample(run_id, (output["resumed_at_ns"] - sent_ns) / 1e9, snapshot_bytes)
 
 
 async def _restore_timings(address: str, run_ids: list[str]) -> list[dict[str, Any]]:
@@ -174,7 +198,11 @@ def _run_samples(stack: LocalStack, result: ResumeResult, repeats: int, warmup: 
     """Deploy the benchmark image and collect both cases; return the measured snapshotted runs."""
     assert stack.secrets is not None
     measured: list[str] = []
-    with ApiClient(stack.api_url, stack.secrets.api_key, timeout_s=60) as client:
+    gateway_auth = {"Authorization": f"Bearer {stack.secrets.gateway_token}"}
+    with (
+        ApiClient(stack.api_url, stack.secrets.api_key, timeout_s=60) as client,
+        httpx.Client(base_url=stack.gateway_url, headers=gateway_auth, timeout=60) as gateway,
+    ):
         deployment = deploy_image(
             client,
             IMAGE,
@@ -190,12 +218,14 @@ def _run_samples(stack: LocalStack, result: ResumeResult, repeats: int, warmup: 
             )
         # The cases alternate, so a slow period of the shared machine affects both.
         for attempt in range(warmup + repeats):
-            run_id, snapshotted = _resume_once(client, deployment["id"], snapshotted=True)
-            _, in_place = _resume_once(client, deployment["id"], snapshotted=False)
+            snapshotted = _resume_once(client, gateway, deployment["id"], snapshotted=True)
+            in_place = _resume_once(client, gateway, deployment["id"], snapshotted=False)
             if attempt >= warmup:
-                measured.append(run_id)
-                result.snapshotted_s.append(snapshotted)
-                result.in_place_s.append(in_place)
+                measured.append(snapshotted.run_id)
+                result.snapshotted_s.append(snapshotted.latency_s)
+                result.in_place_s.append(in_place.latency_s)
+                if snapshotted.snapshot_bytes is not None:
+                    result.snapshot_bytes.append(snapshotted.snapshot_bytes)
     return measured
 
 
@@ -236,6 +266,11 @@ def report(result: ResumeResult) -> None:
         f"floor image: {format_mib(result.floor.image_bytes)} "
         f"(a Python process that imported the runner agent); {result.floor.criu}"
     )
+    if result.snapshot_bytes:
+        emit(
+            "sandbox snapshot of the runner, median: "
+            f"{format_mib(statistics.median(result.snapshot_bytes))}"
+        )
     emit(f"snapshotted / in place: {format_ratio(snapshotted, median_ms(result.in_place_s))}")
     emit(MICROVM_LINE)
     emit(

@@ -110,5 +110,6 @@ def test_sandbox_benchmarks_print_figures() -> None:
         "restore (request -> next line)",
     ):
         assert re.match(r"[\d,]+\.\d", table_row(output, label)[0]), label
+    assert re.search(r"^sandbox snapshot of the runner, median: [\d,]+\.\d MiB$", output, re.M)
     assert output.count("microvm driver: not implemented") == 2
     assert re.search(r"^cold / template: \d+\.\d\dx$", output, re.MULTILINE)
