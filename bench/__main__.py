@@ -32,7 +32,6 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "names",
         nargs="*",
-        choices=[*NAMES, []],
         metavar="NAME",
         help=f"Benchmarks to run, in the order given (default: all). One of: {', '.join(NAMES)}.",
     )
@@ -76,6 +75,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         help="Integers the warm-start and gateway program keeps in memory (default 1000000).",
     )
     arguments = parser.parse_args(argv)
+    for name in arguments.names:
+        if name not in NAMES:
+            parser.error(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
     for option in ("repeats", "overhead_runs", "overhead_repeats", "concurrency", "runs"):
         if getattr(arguments, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
