@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.api.conftest import ApiServer, deploy, make_settings
-from vmflow.api.app import create_app
+from vmflow.api.app import OPENAPI_PATH, create_app
 from vmflow.api.security import MissingSecretError
 from vmflow.api.tokens import issue_workload_token
 from vmflow.compute.signing import SIGNATURE_HEADER, sign
@@ -20,7 +20,7 @@ def _api_routes(api: ApiServer) -> list[tuple[str, str]]:
     """Return (method, path) of every /api route, with path parameters filled in."""
     # The OpenAPI document lists every route, however routers are nested.
     document = create_app(api.settings, sessions=api.sessions).openapi()
-    routes = []
+    routes = [("GET", OPENAPI_PATH)]
     for template, operations in document["paths"].items():
         if template.startswith("/api/"):
             path = re.sub(r"\{[^}]+\}", "some-id", template)
@@ -57,6 +57,22 @@ async def test_missing_and_wrong_api_key_look_alike(api_server: ApiServer) -> No
         wrong = await http.get("/api/v1/runs")
     assert missing.status_code == wrong.status_code == 401
     assert missing.json() == wrong.json()
+
+
+async def test_openapi_document_needs_api_key(api_server: ApiServer) -> None:
+    async with api_server.http(key=None) as http:
+        default_paths = [await http.get(path) for path in ("/openapi.json", "/docs", "/redoc")]
+    async with api_server.http() as http:
+        document = await http.get(OPENAPI_PATH)
+
+    for response in default_paths:
+        assert response.status_code == 404, response.request.url
+    assert document.status_code == 200
+    paths = document.json()["paths"]
+    assert "/api/v1/tasks/{task_id}/trigger" in paths
+    assert "/api/v1/deployments/finalize" in paths
+    assert contract.SNAPSHOT_CALLBACK_PATH in paths
+    assert "/api/v1/workload/runs/{run_id}/start" in paths
 
 
 async def test_healthz_needs_no_credentials(api_server: ApiServer) -> None:

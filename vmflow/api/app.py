@@ -2,8 +2,9 @@
 
 `create_app` mounts three kinds of routes, each behind its own credential:
 the platform routes (API key), the runners' workload API (per-run workload
-tokens) and the gateway's callbacks (HMAC signatures). Only `GET /healthz`
-is open, and it returns nothing but liveness.
+tokens) and the gateway's callbacks (HMAC signatures). The OpenAPI document
+is at `GET /api/v1/openapi.json`, behind the API key. Only `GET /healthz` is
+open, and it returns nothing but liveness.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from vmflow.telemetry import temporal_tracing_interceptor
 from workflows import contract
 
 logger = logging.getLogger(__name__)
+
+OPENAPI_PATH = "/api/v1/openapi.json"
 
 _STATUS_ERRORS = {
     401: "unauthorized",
@@ -173,6 +176,10 @@ def create_app(
         description="Deploy tasks, trigger runs, resolve waitpoints, and serve the runners' "
         "workload API and the compute gateway's callbacks.",
         lifespan=lifespan,
+        # The document and its viewers are served behind the API key below instead.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.api_key = api_key
@@ -189,6 +196,15 @@ def create_app(
     app.include_router(callbacks.router)
     run_events = TemporalRunEvents()
     install_workload_api(app, session_factory=sessions, events=run_events, secret=workload_secret)
+
+    @app.get(
+        OPENAPI_PATH,
+        dependencies=[ApiKey],
+        include_in_schema=False,
+        summary="The OpenAPI document of this API",
+    )
+    async def openapi_document() -> dict[str, Any]:
+        return app.openapi()
 
     @app.get("/healthz", tags=["health"], summary="Liveness of the API process")
     async def healthz() -> dict[str, str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import propagate
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -165,6 +165,12 @@ class Orchestrator:
                 completion,
                 result_type=contract.CompleteWaitpointResult,
             )
+        except WorkflowUpdateFailedError as error:
+            raise ConflictError(
+                "waitpoint_rejected",
+                f"run workflow {workflow_id!r} rejected the completion of waitpoint "
+                f"{completion.waitpoint_id!r}: {error.cause or error}",
+            ) from error
         except RPCError as error:
             raise _translate(error, workflow_id, "complete a waitpoint of") from error
 
