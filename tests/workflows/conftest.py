@@ -175,16 +175,16 @@ def sessions(sqlite_database_url: str) -> Any:
     engine.dispose()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def harness(
-    workflow_env: WorkflowEnvironment, sessions: sessionmaker[Session]
+@contextlib.asynccontextmanager
+async def running_harness(
+    env: WorkflowEnvironment, sessions: sessionmaker[Session]
 ) -> AsyncIterator[Harness]:
     exporter = InMemorySpanExporter()
     provider = build_tracer_provider(None, exporter=exporter)
     executor = ThreadPoolExecutor(4)
     harness = Harness(
-        env=workflow_env,
-        gateway=RecordingGateway(workflow_env.client),
+        env=env,
+        gateway=RecordingGateway(env.client),
         sessions=sessions,
         spans=exporter,
         recorder=ComputeSpanRecorder(provider),
@@ -199,3 +199,26 @@ async def harness(
         await harness.stop_workers()
         executor.shutdown(wait=True)
         provider.shutdown()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def harness(
+    workflow_env: WorkflowEnvironment, sessions: sessionmaker[Session]
+) -> AsyncIterator[Harness]:
+    """A harness on the time-skipping server."""
+    async with running_harness(workflow_env, sessions) as harness:
+        yield harness
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def dev_harness(
+    temporal_dev_env: WorkflowEnvironment, sessions: sessionmaker[Session]
+) -> AsyncIterator[Harness]:
+    """A harness on the dev server, for workflows that need no time skipping.
+
+    NOTE: on the time-skipping test server (temporal-test-server 1.40), once a
+    parent workflow completes while its abandoned child still runs, later
+    `env.sleep` calls wait in real time; shadow template builds do exactly that.
+    """
+    async with running_harness(temporal_dev_env, sessions) as harness:
+        yield harness

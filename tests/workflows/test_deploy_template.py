@@ -50,21 +50,21 @@ def deployment_id_in_bucket(inside: bool, pct: float) -> str:
     raise AssertionError("unreachable")
 
 
-async def test_deploy_microvm_group_requires_template(harness: Harness) -> None:
-    await harness.start_workers()
-    seeded = seed_deployment(harness.sessions, workload_type=WorkloadType.MICROVM)
+async def test_deploy_microvm_group_requires_template(dev_harness: Harness) -> None:
+    await dev_harness.start_workers()
+    seeded = seed_deployment(dev_harness.sessions, workload_type=WorkloadType.MICROVM)
 
-    handle = await deploy(harness, seeded.deployment_id)
+    handle = await deploy(dev_harness, seeded.deployment_id)
     result = await handle.result()
 
     assert result.template_mode == "required"
     assert result.status == "DEPLOYED"
-    created = harness.gateway.calls_of("templates.create")
+    created = dev_harness.gateway.calls_of("templates.create")
     assert len(created) == 1
     assert created[0].body["image"] == seeded.image.split("@")[0]
     assert created[0].body["background"] is True
     assert created[0].body["callback"]["metadata"] == {"deployment_id": seeded.deployment_id}
-    row = deployment_row(harness, seeded.deployment_id)
+    row = deployment_row(dev_harness, seeded.deployment_id)
     assert row.status == DeploymentStatus.DEPLOYED
     assert row.template_mode == TemplateMode.REQUIRED
     assert row.template_id == result.template_id
@@ -72,16 +72,16 @@ async def test_deploy_microvm_group_requires_template(harness: Harness) -> None:
     await assert_replays(handle, "deploy_required")
 
 
-async def test_deploy_required_failure_fails_deployment(harness: Harness) -> None:
-    await harness.start_workers()
-    harness.gateway.template_mode = "failed"
-    seeded = seed_deployment(harness.sessions, workload_type=WorkloadType.MICROVM)
+async def test_deploy_required_failure_fails_deployment(dev_harness: Harness) -> None:
+    await dev_harness.start_workers()
+    dev_harness.gateway.template_mode = "failed"
+    seeded = seed_deployment(dev_harness.sessions, workload_type=WorkloadType.MICROVM)
 
-    result = await (await deploy(harness, seeded.deployment_id)).result()
+    result = await (await deploy(dev_harness, seeded.deployment_id)).result()
 
     assert result.status == "FAILED"
     assert result.error_name == TEMPLATE_CREATION_FAILED
-    row = deployment_row(harness, seeded.deployment_id)
+    row = deployment_row(dev_harness, seeded.deployment_id)
     assert row.status == DeploymentStatus.FAILED
     assert row.error_name == "TemplateCreationFailed"
     assert row.error_message is not None
@@ -89,22 +89,22 @@ async def test_deploy_required_failure_fails_deployment(harness: Harness) -> Non
     assert row.template_id is None
 
 
-async def test_deploy_feature_flag_builds_shadow_template(harness: Harness) -> None:
-    await harness.start_workers()
-    seeded = seed_deployment(harness.sessions, feature_flags={"hasComputeAccess": True})
+async def test_deploy_feature_flag_builds_shadow_template(dev_harness: Harness) -> None:
+    await dev_harness.start_workers()
+    seeded = seed_deployment(dev_harness.sessions, feature_flags={"hasComputeAccess": True})
 
-    handle = await deploy(harness, seeded.deployment_id)
+    handle = await deploy(dev_harness, seeded.deployment_id)
     result = await handle.result()
 
     assert result.template_mode == "shadow"
     assert result.status == "DEPLOYED"
     # The build goes on after the deployment finished, and records its template.
-    build = harness.client.get_workflow_handle_for(
+    build = dev_harness.client.get_workflow_handle_for(
         TemplateBuildWorkflow.run, template_build_workflow_id(seeded.deployment_id)
     )
     built = await build.result()
     assert built.ok is True
-    row = deployment_row(harness, seeded.deployment_id)
+    row = deployment_row(dev_harness, seeded.deployment_id)
     assert row.status == DeploymentStatus.DEPLOYED
     assert row.template_mode == TemplateMode.SHADOW
     assert row.template_id == built.template_id
@@ -112,36 +112,40 @@ async def test_deploy_feature_flag_builds_shadow_template(harness: Harness) -> N
     await assert_replays(build, "template_build")
 
 
-async def test_deploy_shadow_failure_keeps_deployment(harness: Harness) -> None:
-    await harness.start_workers()
-    harness.gateway.template_mode = "failed"
-    seeded = seed_deployment(harness.sessions, feature_flags={"hasComputeAccess": True})
+async def test_deploy_shadow_failure_keeps_deployment(dev_harness: Harness) -> None:
+    await dev_harness.start_workers()
+    dev_harness.gateway.template_mode = "failed"
+    seeded = seed_deployment(dev_harness.sessions, feature_flags={"hasComputeAccess": True})
 
-    result = await (await deploy(harness, seeded.deployment_id)).result()
-    build = harness.client.get_workflow_handle_for(
+    result = await (await deploy(dev_harness, seeded.deployment_id)).result()
+    build = dev_harness.client.get_workflow_handle_for(
         TemplateBuildWorkflow.run, template_build_workflow_id(seeded.deployment_id)
     )
     built = await build.result()
 
     assert result.status == "DEPLOYED"
     assert built.ok is False
-    row = deployment_row(harness, seeded.deployment_id)
+    row = deployment_row(dev_harness, seeded.deployment_id)
     assert row.status == DeploymentStatus.DEPLOYED
     assert row.error_name is None
 
 
-async def test_deploy_rollout_percentage_is_stable(harness: Harness) -> None:
-    harness.shadow_rollout_pct = 30.0
-    await harness.start_workers()
+async def test_deploy_rollout_percentage_is_stable(dev_harness: Harness) -> None:
+    dev_harness.shadow_rollout_pct = 30.0
+    await dev_harness.start_workers()
     inside = deployment_id_in_bucket(True, 30.0)
     outside = deployment_id_in_bucket(False, 30.0)
-    seed_deployment(harness.sessions, deployment_id=inside)
-    seed_deployment(harness.sessions, deployment_id=outside)
+    seed_deployment(dev_harness.sessions, deployment_id=inside)
+    seed_deployment(dev_harness.sessions, deployment_id=outside)
 
-    inside_handle = await deploy(harness, inside)
-    outside_handle = await deploy(harness, outside)
+    inside_handle = await deploy(dev_harness, inside)
+    outside_handle = await deploy(dev_harness, outside)
     assert (await inside_handle.result()).template_mode == "shadow"
     assert (await outside_handle.result()).template_mode == "skip"
+    inside_build = dev_harness.client.get_workflow_handle_for(
+        TemplateBuildWorkflow.run, template_build_workflow_id(inside)
+    )
+    assert (await inside_build.result()).ok is True
 
     # The bucket is a SHA-256 of the id alone, the same in every process, and
     # replays take the percentage from the activity result in history.
@@ -151,32 +155,32 @@ async def test_deploy_rollout_percentage_is_stable(harness: Harness) -> None:
     await assert_replays(outside_handle)
 
 
-async def test_deploy_without_group_or_flag_skips(harness: Harness) -> None:
-    await harness.start_workers()
-    seeded = seed_deployment(harness.sessions, with_group=False)
+async def test_deploy_without_group_or_flag_skips(dev_harness: Harness) -> None:
+    await dev_harness.start_workers()
+    seeded = seed_deployment(dev_harness.sessions, with_group=False)
 
-    result = await (await deploy(harness, seeded.deployment_id)).result()
+    result = await (await deploy(dev_harness, seeded.deployment_id)).result()
 
     assert result.template_mode == "skip"
     assert result.status == "DEPLOYED"
-    assert harness.gateway.calls_of("templates.create") == []
-    row = deployment_row(harness, seeded.deployment_id)
+    assert dev_harness.gateway.calls_of("templates.create") == []
+    row = deployment_row(dev_harness, seeded.deployment_id)
     assert row.template_mode == TemplateMode.SKIP
     assert row.status == DeploymentStatus.DEPLOYED
     assert row.deployed_at is not None
 
 
-async def test_deploy_without_gateway_skips(harness: Harness) -> None:
-    harness.gateway_configured = False
-    await harness.start_workers()
+async def test_deploy_without_gateway_skips(dev_harness: Harness) -> None:
+    dev_harness.gateway_configured = False
+    await dev_harness.start_workers()
     seeded = seed_deployment(
-        harness.sessions,
+        dev_harness.sessions,
         workload_type=WorkloadType.MICROVM,
         feature_flags={"hasComputeAccess": True},
     )
 
-    result = await (await deploy(harness, seeded.deployment_id)).result()
+    result = await (await deploy(dev_harness, seeded.deployment_id)).result()
 
     assert result.template_mode == "skip"
     assert result.status == "DEPLOYED"
-    assert harness.gateway.calls == []
+    assert dev_harness.gateway.calls == []
