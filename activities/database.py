@@ -231,4 +231,3 @@ class DatabaseActivities:
             if status == DeploymentStatus.DEPLOYED and deployment.deployed_at is None:
                 deployment.deployed_at = utc_now()
             return DeploymentUpdateResult(previous_status=previous.value)
-
