@@ -6,6 +6,8 @@ Snapshot delay: 5 s of workflow time. `env.sleep` skips workflow time, so
 
 from __future__ import annotations
 
+import json
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -29,6 +31,10 @@ from vmflow.storage.models import (
 )
 from workflows.contract import (
     QUERY_RUN_STATE,
+    SEARCH_DEPLOYMENT_ID,
+    SEARCH_INSTANCE_ID,
+    SEARCH_RUN_ID,
+    SEARCH_RUN_STATE,
     SIGNAL_RUNNER_FINISHED,
     SIGNAL_RUNNER_RESUMED,
     SIGNAL_RUNNER_STARTED,
@@ -540,3 +546,52 @@ async def test_run_continues_as_new_across_cycles(harness: Harness) -> None:
     assert result.snapshot_count == 3
     assert result.restore_count == 3
     assert (await latest.describe()).run_id != first_run_id
+
+
+async def test_run_logs_wide_line_per_instance(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="activities.gateway")
+    await harness.start_workers()
+    run_id, handle = await start_run(harness)
+    runner = await started_runner(harness, handle, run_id)
+    await finish(handle, runner)
+
+    lines = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("instance created")
+    ]
+    assert len(lines) == 1
+    fields = json.loads(lines[0].removeprefix("instance created "))
+    assert fields["run_id"] == run_id
+    assert fields["runner_id"] == f"{run_id}-r1"
+    assert fields["instance_id"] == harness.gateway.calls_of("instances.create")[0].target
+    assert fields["workflow_id"] == run_workflow_id(run_id)
+    assert fields["gateway_timing"] == {"boot_ms": 12.5}
+    assert fields["end_ns"] >= fields["start_ns"]
+
+
+async def test_run_is_readable_in_the_ui(dev_harness: Harness) -> None:
+    await dev_harness.start_workers()
+    run_id, handle = await start_run(dev_harness)
+    runner = await started_runner(dev_harness, handle, run_id)
+    running = await handle.describe()
+    instance_id = dev_harness.gateway.calls_of("instances.create")[0].target
+    assert running.typed_search_attributes.get(SEARCH_RUN_ID) == run_id
+    await finish(handle, runner)
+
+    description = await handle.describe()
+    attributes = description.typed_search_attributes
+    assert attributes.get(SEARCH_RUN_ID) == run_id
+    assert attributes.get(SEARCH_RUN_STATE) == "COMPLETED"
+    assert attributes.get(SEARCH_DEPLOYMENT_ID) is not None
+    assert attributes.get(SEARCH_INSTANCE_ID) is None
+    assert instance_id is not None
+
+    history = await handle.fetch_history()
+    summaries = [
+        event.user_metadata.summary.data.decode()
+        for event in history.events
+        if event.HasField("user_metadata") and event.user_metadata.HasField("summary")
+    ]
+    assert any(summary.startswith('"provision ') for summary in summaries)
+    assert any("release instance" in summary for summary in summaries)
