@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,7 +31,7 @@ import vmflow
 from vmflow.cli.client import ApiClient, ApiClientError
 from vmflow.cli.common import console, error_console, poll_until
 from vmflow.cli.deploy import ImageInspectionError, deploy_image, wait_for_deployment
-from vmflow.cli.dev import stack_table
+from vmflow.cli.dev import Terminate, raise_terminate, stack_table, watch_until_a_part_exits
 from vmflow.cli.local import (
     DEFAULT_TEMPORAL_ADDRESS,
     DEFAULT_TEMPORAL_UI_URL,
@@ -214,6 +216,10 @@ def demo(
         int, typer.Option(help="Milliseconds the suspended run waits before its snapshot.")
     ] = DEMO_SNAPSHOT_DELAY_MS,
     timeout: Annotated[float, typer.Option(help="Seconds each step may take.")] = 300,
+    keep: Annotated[
+        bool,
+        typer.Option(help="Keep the stack the demo started running until Ctrl-C."),
+    ] = False,
 ) -> None:
     """Deploy the example image, run the approval task through a snapshot and show the timeline."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -221,6 +227,7 @@ def demo(
     os.environ["VMFLOW_DATA_DIR"] = str(directory)
 
     stack: LocalStack | None = None
+    previous = signal.signal(signal.SIGTERM, raise_terminate)
     try:
         targets = _running_stack(resolve_api_url())
         if targets is not None:
@@ -249,10 +256,17 @@ def demo(
             )
         result = run_demo(targets, timeout_s=timeout)
         print_result(result)
-        if stack is not None:
+        if stack is not None and keep:
+            console.print("the demo's stack keeps running for the link; press Ctrl-C to stop it")
+            sys.stdout.flush()
+            watch_until_a_part_exits(stack)
+        elif stack is not None:
             console.print(
-                "the demo's stack stops now; run `vmflow dev` to keep one running and open the link"
+                "the demo's stack stops now; pass --keep, or run `vmflow dev` first, to open "
+                "the link"
             )
+    except (KeyboardInterrupt, Terminate):
+        console.print("stopping")
     except (StackError, ApiClientError, LocalStateError, ImageInspectionError, DemoError) as error:
         error_console.print(f"[red]error:[/] {error}")
         raise typer.Exit(1) from None
@@ -262,3 +276,4 @@ def demo(
     finally:
         if stack is not None:
             stack.stop()
+        signal.signal(signal.SIGTERM, previous)

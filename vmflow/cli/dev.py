@@ -58,12 +58,29 @@ def stack_table(stack: LocalStack, title: str = "vmflow dev") -> Table:
     return table
 
 
-class _Terminate(Exception):
+def watch_until_a_part_exits(stack: LocalStack) -> None:
+    """Block until a child of the stack exits, then report it and exit with status 1.
+
+    Ctrl-C (KeyboardInterrupt) and SIGTERM (`Terminate`) interrupt the wait.
+    """
+    while True:
+        failed = stack.failed_component()
+        if failed is not None:
+            error_console.print(
+                f"[red]error:[/] {failed.name} exited with status "
+                f"{failed.process.returncode}; its log {failed.log_path} ends with:\n"
+                f"{failed.log_tail()}"
+            )
+            raise typer.Exit(1)
+        time.sleep(WATCH_INTERVAL_S)
+
+
+class Terminate(Exception):
     """Raised in the main thread when SIGTERM arrives, so the stack stops like on Ctrl-C."""
 
 
-def _raise_terminate(signum: int, frame: FrameType | None) -> None:
-    raise _Terminate()
+def raise_terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminate()
 
 
 def dev(
@@ -90,7 +107,7 @@ def dev(
         environment=environment,
     )
 
-    previous = signal.signal(signal.SIGTERM, _raise_terminate)
+    previous = signal.signal(signal.SIGTERM, raise_terminate)
     try:
         with console.status("starting the local stack"):
             stack.start()
@@ -103,20 +120,11 @@ def dev(
         )
         # Flushed so that a pipe (a log collector, a test) receives the table now.
         sys.stdout.flush()
-        while True:
-            failed = stack.failed_component()
-            if failed is not None:
-                error_console.print(
-                    f"[red]error:[/] {failed.name} exited with status "
-                    f"{failed.process.returncode}; its log {failed.log_path} ends with:\n"
-                    f"{failed.log_tail()}"
-                )
-                raise typer.Exit(1)
-            time.sleep(WATCH_INTERVAL_S)
+        watch_until_a_part_exits(stack)
     except StackError as error:
         error_console.print(f"[red]error:[/] {error}")
         raise typer.Exit(1) from None
-    except (KeyboardInterrupt, _Terminate):
+    except (KeyboardInterrupt, Terminate):
         console.print("stopping")
     finally:
         stack.stop()
