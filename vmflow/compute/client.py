@@ -23,6 +23,7 @@ from vmflow.compute.models import (
     InstanceCreateRequest,
     InstanceCreateResponse,
     Snapshot,
+    SnapshotAccepted,
     SnapshotRequest,
     SnapshotRestoreRequest,
     SnapshotRestoreResponse,
@@ -177,9 +178,21 @@ class InstancesAPI:
     async def delete(self, instance_id: str) -> None:
         await self._client.request("DELETE", f"/api/instances/{instance_id}")
 
-    async def snapshot(self, instance_id: str, request: SnapshotRequest) -> None:
-        """Ask for a snapshot; the gateway answers 202 and reports through the callback."""
-        await self._client.request("POST", f"/api/instances/{instance_id}/snapshot", request)
+    async def snapshot(self, instance_id: str, request: SnapshotRequest) -> SnapshotAccepted | None:
+        """Ask for a snapshot; the gateway answers 202 and reports through the callback.
+
+        Returns the 202 body when it is a JSON object (the reference gateway
+        sends the new snapshot's id), else None.
+        """
+        response = await self._client.request(
+            "POST", f"/api/instances/{instance_id}/snapshot", request
+        )
+        if not response.content:
+            return None
+        try:
+            return self._client._parse(response, SnapshotAccepted)
+        except ComputeResponseError:
+            return None
 
 
 class TemplatesAPI:

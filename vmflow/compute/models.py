@@ -104,6 +104,14 @@ class SnapshotRequest(_Request):
     callback: CallbackTarget
 
 
+class SnapshotAccepted(_Response):
+    """Body of a 202 snapshot response; gateways that send none leave every field unset."""
+
+    snapshot_id: str | None = None
+    instance_id: str | None = None
+    status: str | None = None
+
+
 class SnapshotCallback(_Response):
     status: CallbackStatus
     snapshot_id: str | None = None
