@@ -152,3 +152,24 @@ async def test_workload_calls_become_run_signals(api_server: ApiServer) -> None:
     finished = await api_server.wait_for_message(workflow_id, "runner_finished")
     assert finished["ok"] is True
     assert finished["output"] == {"rows": 365}
+
+
+async def test_workload_event_for_closed_run_is_dropped(api_server: ApiServer) -> None:
+    run_id, deployment_id = await _triggered_run(api_server)
+    handle = api_server.client.get_workflow_handle(contract.run_workflow_id(run_id))
+    await handle.terminate("test closes the run before its runner starts")
+    assert api_server.settings.VMFLOW_WORKLOAD_SECRET is not None
+    token = issue_workload_token(
+        api_server.settings.VMFLOW_WORKLOAD_SECRET.get_secret_value(),
+        run_id,
+        deployment_id,
+        ttl_s=600,
+    )
+
+    async with api_server.http(key=token) as http:
+        response = await http.post(
+            f"/api/v1/workload/runs/{run_id}/start",
+            json={"runner_id": contract.runner_id_for(run_id, 1)},
+        )
+
+    assert response.status_code == 200, response.text

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from vmflow.api.errors import OrchestrationUnavailableError
+from vmflow.api.errors import NotFoundError, OrchestrationUnavailableError
 from vmflow.api.events import FinishDetails, SuspendDetails
 from vmflow.api.orchestration import Orchestrator
 from vmflow.storage.models import TaskRunStatus
@@ -60,5 +60,17 @@ class TemporalRunEvents:
             raise OrchestrationUnavailableError(
                 f"cannot send {signal} of run {run_id}: the API has not connected to Temporal yet"
             )
-        await self.orchestrator.signal_run(run_id, signal, message)
+        try:
+            await self.orchestrator.signal_run(run_id, signal, message)
+        except NotFoundError as error:
+            # A closed workflow has no use for the event, and failing here would
+            # make the runner retry a request that can never succeed.
+            logger.warning(
+                "dropped %s of runner %s: the workflow of run %s has closed (%s)",
+                signal,
+                runner_id,
+                run_id,
+                error.detail,
+            )
+            return
         logger.info("sent %s of runner %s to run %s", signal, runner_id, run_id)
