@@ -1,9 +1,9 @@
 """Activities that call the compute gateway: instances, snapshots and templates.
 
 Each activity wraps one gateway call. Gateway errors become Temporal
-`ApplicationError`s whose type is the `ComputeError` subclass name:
-retryable ones (transport errors, timeouts, 408, 425, 429, 5xx) are retried
-with the caller's backoff, and the rest (4xx validation errors, malformed
+`ApplicationError`s whose type is the `ComputeError` subclass name.
+Retryable ones (transport errors, timeouts, 408, 425, 429, 5xx) are retried
+with the caller's backoff. The rest (4xx validation errors, malformed
 responses) are non-retryable and carry the HTTP status in `details`.
 """
 
@@ -74,11 +74,15 @@ class SnapshotRequestInput:
 class SnapshotRequestResult:
     requested_at_ns: int
     accepted_at_ns: int
+    # The new snapshot's id when the gateway names it in its 202 response.
+    snapshot_id: str | None = None
 
 
 @dataclass
 class InstanceStateInput:
     instance_id: str
+    # The snapshot the gateway named when it accepted the request, if any.
+    snapshot_id: str | None = None
 
 
 @dataclass
@@ -137,7 +141,7 @@ class TemplateCreateInput:
 class TemplateCreateResult:
     image: str
     requested_at_ns: int
-    # Set when the gateway built the template in the foreground and answered with it.
+    # Set when the gateway built the template in the foreground and returned it.
     template_id: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -252,7 +256,7 @@ class GatewayActivities:
         )
         requested_at_ns = time.time_ns()
         try:
-            await self.gateway.instances.snapshot(input.instance_id, request)
+            accepted = await self.gateway.instances.snapshot(input.instance_id, request)
         except ComputeError as error:
             logger.warning(
                 "snapshot request for instance %s of run %s failed: %s",
@@ -261,7 +265,11 @@ class GatewayActivities:
                 error,
             )
             raise to_application_error(error) from error
-        return SnapshotRequestResult(requested_at_ns=requested_at_ns, accepted_at_ns=time.time_ns())
+        return SnapshotRequestResult(
+            requested_at_ns=requested_at_ns,
+            accepted_at_ns=time.time_ns(),
+            snapshot_id=accepted.snapshot_id if accepted is not None else None,
+        )
 
     @activity.defn(name="get_instance_state")
     async def get_instance_state(self, input: InstanceStateInput) -> InstanceStateResult:
@@ -273,10 +281,10 @@ class GatewayActivities:
                 return InstanceStateResult(state=None)
             raise to_application_error(error) from error
 
-        # NOTE: the gateway API has no field for an instance's snapshot; this reads
-        # `snapshot_id` (or `last_snapshot_id`) when the gateway adds one to the body.
+        # Without the id from the 202 response, a `snapshot_id` (or `last_snapshot_id`)
+        # field that a gateway adds to the instance body names the snapshot.
         extra = instance.model_extra or {}
-        snapshot_id = extra.get("snapshot_id") or extra.get("last_snapshot_id")
+        snapshot_id = input.snapshot_id or extra.get("snapshot_id") or extra.get("last_snapshot_id")
         snapshot_state = None
         if snapshot_id:
             try:

@@ -215,8 +215,8 @@ class SnapshotFinished:
     """Signal `snapshot_finished`: the gateway's snapshot callback, forwarded as received.
 
     `metadata` is the callback metadata the workflow sent (`run_id`,
-    `runner_id`, `snapshot_request_id`); `received_at_ns` is when the API
-    received the callback (Unix epoch nanoseconds), the end of the
+    `runner_id`, `snapshot_request_id`). `received_at_ns` is when the API
+    received the callback, in Unix epoch nanoseconds, and ends the
     compute.snapshot span.
     """
 

@@ -85,13 +85,13 @@ DATABASE_RETRY = RetryPolicy(
 SPAN_RETRY = RetryPolicy(maximum_attempts=2)
 
 GATEWAY_CALL_TIMEOUT = timedelta(seconds=60)
-# Restores boot a microVM or CRIU-restore a process tree before the gateway answers.
+# Restores boot a microVM or CRIU-restore a process tree before the gateway responds.
 RESTORE_TIMEOUT = timedelta(minutes=5)
 # A snapshot request may wait this long in the snapshot queue for a free slot.
 SNAPSHOT_QUEUE_TIMEOUT = timedelta(minutes=10)
 DATABASE_TIMEOUT = timedelta(seconds=30)
 
-# How often the workflow asks the gateway about a snapshot whose callback is late.
+# How many times the workflow checks with the gateway on a snapshot whose callback is late.
 MAX_SNAPSHOT_CHECKS = 5
 # Completed waitpoint ids kept across continue-as-new, newest last.
 MAX_CARRIED_WAITPOINTS = 100
@@ -512,7 +512,7 @@ class RunExecutionWorkflow:
             return None
         started_ns = requested.requested_at_ns
 
-        result = await self._await_snapshot_callback(request_id, instance_id)
+        result = await self._await_snapshot_callback(request_id, instance_id, requested.snapshot_id)
         ended_ns = result.received_at_ns or _ns(workflow.now())
         failed = result.status != SnapshotStatus.COMPLETED or not result.snapshot_id
         reason = (result.error or "the gateway reported no snapshot id") if failed else None
@@ -536,7 +536,9 @@ class RunExecutionWorkflow:
             return None
         return result
 
-    async def _await_snapshot_callback(self, request_id: str, instance_id: str) -> SnapshotFinished:
+    async def _await_snapshot_callback(
+        self, request_id: str, instance_id: str, snapshot_id: str | None
+    ) -> SnapshotFinished:
         """Wait for the snapshot callback; when it is late, ask the gateway instead."""
         timeout = timedelta(seconds=self._input.snapshot_callback_timeout_s)
         for check in range(1, MAX_SNAPSHOT_CHECKS + 1):
@@ -552,7 +554,7 @@ class RunExecutionWorkflow:
 
             state = await workflow.execute_activity_method(
                 GatewayActivities.get_instance_state,
-                InstanceStateInput(instance_id=instance_id),
+                InstanceStateInput(instance_id=instance_id, snapshot_id=snapshot_id),
                 start_to_close_timeout=GATEWAY_CALL_TIMEOUT,
                 retry_policy=GATEWAY_RETRY,
                 summary=f"reconcile snapshot {request_id} (check {check})",

@@ -29,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
 
 @workflow.defn(name=TEMPLATE_BUILD_WORKFLOW)
 class TemplateBuildWorkflow:
-    """Builds one deployment's template; the result says whether it succeeded, never raises."""
+    """Builds one deployment's template and returns whether it succeeded instead of raising."""
 
     def __init__(self) -> None:
         self._finished: TemplateFinished | None = None

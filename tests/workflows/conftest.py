@@ -216,9 +216,9 @@ async def dev_harness(
 ) -> AsyncIterator[Harness]:
     """A harness on the dev server, for workflows that need no time skipping.
 
-    NOTE: on the time-skipping test server (temporal-test-server 1.40), once a
-    parent workflow completes while its abandoned child still runs, later
-    `env.sleep` calls wait in real time; shadow template builds do exactly that.
+    NOTE: on the time-skipping test server (temporal-test-server 1.40), a parent
+    workflow that completes while its abandoned child still runs makes later
+    `env.sleep` calls wait in real time. Shadow template builds do exactly that.
     """
     async with running_harness(temporal_dev_env, sessions) as harness:
         yield harness

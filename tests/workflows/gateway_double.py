@@ -4,7 +4,7 @@ It has the shape of `ComputeClient` (`instances`, `snapshots`, `templates`)
 and delivers snapshot and template callbacks the way the supervisor API
 does: as signals on the workflow that the callback metadata names. Modes
 select how snapshots end (completed, failed, rejected with 4xx, or with a
-lost callback), and a dispatch gate holds snapshot requests to measure how
+lost callback), and a dispatch gate delays snapshot requests to measure how
 many are in flight at once.
 """
 
@@ -26,6 +26,7 @@ from vmflow.compute.models import (
     InstanceCreateResponse,
     InstanceState,
     Snapshot,
+    SnapshotAccepted,
     SnapshotRequest,
     SnapshotRestoreRequest,
     SnapshotRestoreResponse,
@@ -74,7 +75,8 @@ class RecordingGateway:
         self.instance_snapshots: dict[str, str] = {}
         self.snapshot_states: dict[str, SnapshotState] = {}
 
-        # "completed", "failed", "rejected" (409 on the request) or "lost" (no callback).
+        # "completed", "failed", "rejected" (409 on the request), "lost" (a snapshot
+        # but no callback) or "vanished" (neither).
         self.snapshot_mode = "completed"
         self.template_mode = "completed"
         # When set, callbacks wait in `held_callbacks` until `release_callbacks()`.
@@ -85,6 +87,9 @@ class RecordingGateway:
         self.snapshots_in_flight = 0
         self.max_snapshots_in_flight = 0
         self.snapshot_requests_started = 0
+        # Where the gateway names a new snapshot before its callback: in the 202
+        # body of the request (as the reference gateway does) or in the instance body.
+        self.snapshot_id_in = "accepted"
 
         self.instances = _Instances(self)
         self.snapshots = _Snapshots(self)
@@ -169,7 +174,8 @@ class _Instances:
         if state is None:
             raise _not_found("instance", instance_id)
         extra: dict[str, Any] = {}
-        if instance_id in self._gateway.instance_snapshots:
+        named = self._gateway.snapshot_id_in == "instance"
+        if named and instance_id in self._gateway.instance_snapshots:
             extra["snapshot_id"] = self._gateway.instance_snapshots[instance_id]
         return Instance(id=instance_id, name=instance_id, image="img", state=state, **extra)
 
@@ -179,7 +185,7 @@ class _Instances:
             raise _not_found("instance", instance_id)
         self._gateway.instance_states[instance_id] = InstanceState.DELETED
 
-    async def snapshot(self, instance_id: str, request: SnapshotRequest) -> None:
+    async def snapshot(self, instance_id: str, request: SnapshotRequest) -> SnapshotAccepted | None:
         gateway = self._gateway
         gateway.snapshots_in_flight += 1
         gateway.snapshot_requests_started += 1
@@ -204,6 +210,9 @@ class _Instances:
                 status=409,
                 body="instance is not running",
             )
+        if mode == "vanished":
+            # The request is accepted but nothing happens: no snapshot, no callback.
+            return None
         metadata = dict(request.callback.metadata)
         run_id = metadata[METADATA_RUN_ID]
         if mode == "failed":
@@ -225,17 +234,23 @@ class _Instances:
                 metadata=metadata,
                 duration_ms=80.0,
             )
+        accepted = None
+        if gateway.snapshot_id_in == "accepted" and message.snapshot_id is not None:
+            accepted = SnapshotAccepted(
+                snapshot_id=message.snapshot_id, instance_id=instance_id, status="pending"
+            )
         if mode == "lost":
-            return
+            return accepted
 
         async def callback() -> None:
             message.received_at_ns = time.time_ns()
             await gateway.signal_run(run_id, message)
 
-        # The real gateway answers 202 first and calls back later.
+        # The real gateway responds 202 first and calls back later.
         asyncio.get_running_loop().call_soon(
             lambda: asyncio.ensure_future(gateway.deliver(callback))
         )
+        return accepted
 
 
 class _Snapshots:

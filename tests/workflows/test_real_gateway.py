@@ -285,7 +285,7 @@ async def test_real_gateway_snapshot_and_restore(real_stack: RealStack) -> None:
         assert checkpoint.type == CheckpointType.COMPUTE
         assert checkpoint.location == snapshot_id
 
-    # A message from the snapshotted runner changes nothing.
+    # A message from a runner that is not the current one changes nothing.
     await handle.signal(SIGNAL_RUNNER_FINISHED, RunnerFinished("not-the-runner", True))
     await handle.signal(SIGNAL_WAITPOINT_COMPLETED, WaitpointCompleted("wp-long", "ok"))
     restored = await wait_for_state(
@@ -307,7 +307,8 @@ async def test_real_gateway_snapshot_and_restore(real_stack: RealStack) -> None:
     await Replayer(workflows=list(WORKFLOWS)).replay_workflow(history)
 
 
-async def test_real_gateway_dispatch_limit(real_stack: RealStack) -> None:
+async def test_real_gateway_runs_suspend_together(real_stack: RealStack) -> None:
+    # Four runs through a snapshot queue with two slots: requests wait for a slot.
     runs = [await real_stack.start_run() for _ in range(4)]
     for run_id, handle in runs:
         await wait_for_state(handle, lambda v: v.state == RunState.EXECUTING, "EXECUTING")

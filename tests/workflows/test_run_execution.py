@@ -6,6 +6,7 @@ Snapshot delay: 5 s of workflow time. `env.sleep` skips workflow time, so
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from datetime import timedelta
@@ -17,6 +18,7 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import CancelledError
 
 from tests.workflows.conftest import Harness, assert_replays, new_id, seed_deployment, seed_run
+from tests.workflows.gateway_double import CALL_WAIT_TIMEOUT_S
 from vmflow.storage.db import session_scope
 from vmflow.storage.models import (
     CheckpointType,
@@ -86,6 +88,23 @@ async def state_of(handle: WorkflowHandle[Any, Any]) -> RunStateView:
     return await handle.query(QUERY_RUN_STATE, result_type=RunStateView)
 
 
+async def wait_for_state(handle: WorkflowHandle[Any, Any], state: RunState) -> RunStateView:
+    """Query the run until it is in `state`.
+
+    The double records a gateway call before the workflow has acted on its
+    result, so a test that saw the call waits here for the state it leads to.
+    """
+    view = await state_of(handle)
+    try:
+        async with asyncio.timeout(CALL_WAIT_TIMEOUT_S):
+            while view.state != state:
+                await asyncio.sleep(0.02)
+                view = await state_of(handle)
+    except TimeoutError:
+        raise AssertionError(f"run never reached {state}; it is {view}") from None
+    return view
+
+
 async def suspend(
     handle: WorkflowHandle[Any, Any], runner_id: str, waitpoint_id: str, **fields: Any
 ) -> None:
@@ -127,6 +146,7 @@ async def suspended_run(
     await suspend(handle, runner, waitpoint_id)
     await harness.env.sleep(DELAY + timedelta(seconds=1))
     await harness.gateway.wait_for("instances.delete")
+    await wait_for_state(handle, RunState.SUSPENDED)
     return run_id, handle
 
 
@@ -309,9 +329,7 @@ async def test_run_failed_snapshot_keeps_instance(harness: Harness) -> None:
     await suspend(handle, runner, "wp-fail")
     await harness.env.sleep(DELAY + timedelta(seconds=1))
     await harness.gateway.wait_for("instances.snapshot")
-    await harness.env.sleep(timedelta(seconds=1))
-    view = await state_of(handle)
-    assert view.state == RunState.EXECUTING
+    view = await wait_for_state(handle, RunState.EXECUTING)
     assert view.instance_id == instance_id
     assert view.snapshot_id is None
     assert harness.gateway.calls_of("instances.delete") == []
@@ -349,9 +367,11 @@ async def test_run_rejected_snapshot_is_not_retried(harness: Harness) -> None:
     assert result.state == RunState.COMPLETED
 
 
-async def test_run_lost_callback_is_reconciled(harness: Harness) -> None:
+@pytest.mark.parametrize("snapshot_id_in", ["accepted", "instance"])
+async def test_run_lost_callback_is_reconciled(harness: Harness, snapshot_id_in: str) -> None:
     await harness.start_workers()
     harness.gateway.snapshot_mode = "lost"
+    harness.gateway.snapshot_id_in = snapshot_id_in
     run_id, handle = await start_run(harness, snapshot_callback_timeout_s=60.0)
     runner = await started_runner(harness, handle, run_id)
 
@@ -360,9 +380,10 @@ async def test_run_lost_callback_is_reconciled(harness: Harness) -> None:
     await harness.gateway.wait_for("instances.snapshot")
     await harness.env.sleep(timedelta(seconds=61))
     await harness.gateway.wait_for("instances.get")
+    await harness.gateway.wait_for("snapshots.get")
     await harness.gateway.wait_for("instances.delete")
 
-    view = await state_of(handle)
+    view = await wait_for_state(handle, RunState.SUSPENDED)
     assert view.state == RunState.SUSPENDED
     snapshot_id = view.snapshot_id
     assert snapshot_id is not None
@@ -378,6 +399,28 @@ async def test_run_lost_callback_is_reconciled(harness: Harness) -> None:
     assert restore.target == snapshot_id
     result = await finish(handle, f"{run_id}-r2")
     assert result.state == RunState.COMPLETED
+
+
+async def test_run_vanished_snapshot_continues_in_place(harness: Harness) -> None:
+    await harness.start_workers()
+    harness.gateway.snapshot_mode = "vanished"
+    run_id, handle = await start_run(harness, snapshot_callback_timeout_s=60.0)
+    runner = await started_runner(harness, handle, run_id)
+    instance_id = harness.gateway.calls_of("instances.create")[0].target
+
+    await suspend(handle, runner, "wp-vanished")
+    await harness.env.sleep(DELAY + timedelta(seconds=1))
+    await harness.gateway.wait_for("instances.snapshot")
+    await harness.env.sleep(timedelta(seconds=61))
+    await harness.gateway.wait_for("instances.get")
+
+    view = await wait_for_state(handle, RunState.EXECUTING)
+    assert view.instance_id == instance_id
+    assert harness.gateway.calls_of("instances.delete") == []
+    await resolve(handle, "wp-vanished")
+    result = await finish(handle, runner)
+    assert result.state == RunState.COMPLETED
+    assert harness.gateway.calls_of("snapshots.restore") == []
 
 
 async def test_run_duration_waitpoint_uses_timer(harness: Harness) -> None:
@@ -397,7 +440,7 @@ async def test_run_duration_waitpoint_uses_timer(harness: Harness) -> None:
     )
     await harness.env.sleep(DELAY + timedelta(seconds=1))
     await harness.gateway.wait_for("instances.delete")
-    assert (await state_of(handle)).state == RunState.SUSPENDED
+    await wait_for_state(handle, RunState.SUSPENDED)
 
     # No signal: the workflow's own timer completes the waitpoint and restores.
     await harness.env.sleep(timedelta(minutes=10))
@@ -495,7 +538,7 @@ async def test_run_timeout_releases_snapshot(harness: Harness) -> None:
     await suspend(handle, runner, "wp-never")
     await harness.env.sleep(DELAY + timedelta(seconds=1))
     await harness.gateway.wait_for("instances.delete")
-    snapshot_id = (await state_of(handle)).snapshot_id
+    snapshot_id = (await wait_for_state(handle, RunState.SUSPENDED)).snapshot_id
 
     result = await handle.result()
     assert result.state == RunState.TIMED_OUT
@@ -557,9 +600,8 @@ async def test_run_logs_wide_line_per_instance(
     runner = await started_runner(harness, handle, run_id)
     await finish(handle, runner)
 
-    lines = [
-        r.getMessage() for r in caplog.records if r.getMessage().startswith("instance created")
-    ]
+    messages = [record.getMessage() for record in caplog.records]
+    lines = [message for message in messages if message.startswith("instance created")]
     assert len(lines) == 1
     fields = json.loads(lines[0].removeprefix("instance created "))
     assert fields["run_id"] == run_id
