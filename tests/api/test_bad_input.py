@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import httpx
 from sqlalchemy import func, select
+from temporalio.client import Client
+from temporalio.service import RetryConfig
 
-from tests.api.conftest import ApiServer, deploy, unique
+from tests.api.conftest import ApiServer, deploy, start_uvicorn, stop_uvicorn, unique
+from vmflow.api.app import create_app
 from vmflow.storage.db import session_scope
 from vmflow.storage.models import TaskRun, Waitpoint, WaitpointKind
 
@@ -202,3 +206,31 @@ async def test_unknown_route_and_method_name_the_problem(api_server: ApiServer) 
     assert "/api/v1/nothing-here" in missing.json()["detail"]
     assert wrong_method.status_code == 405
     assert "DELETE" in wrong_method.json()["detail"]
+
+
+async def test_trigger_without_temporal_is_503_and_keeps_nothing(
+    api_server: ApiServer, closed_tcp_port: int
+) -> None:
+    deployment = await deploy(api_server)
+    # A lazy client to a port nothing listens on, with no retries, so the
+    # first RPC fails at once as if Temporal were down.
+    unreachable = await Client.connect(
+        f"127.0.0.1:{closed_tcp_port}", lazy=True, retry_config=RetryConfig(max_retries=0)
+    )
+    app = create_app(api_server.settings, temporal_client=unreachable, sessions=api_server.sessions)
+    server, task, url = await start_uvicorn(app)
+    try:
+        async with httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {api_server.api_key}"}
+        ) as http:
+            response = await http.post(
+                "/api/v1/tasks/approval-report/trigger",
+                json={"deployment_id": deployment["id"], "idempotency_key": unique("key")},
+            )
+    finally:
+        await stop_uvicorn(server, task)
+
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "orchestration_unavailable"
+    assert "TEMPORAL_ADDRESS" in response.json()["detail"]
+    assert _run_count(api_server, deployment["id"]) == 0

@@ -56,10 +56,13 @@ async def connect_temporal(settings: Settings) -> Client:
     interceptors: list[Any] = []
     if settings.OTEL_EXPORTER_OTLP_ENDPOINT is not None:
         interceptors.append(temporal_tracing_interceptor())
+    # Lazy, so the API starts before Temporal does; requests made while
+    # Temporal is unreachable get 503.
     return await Client.connect(
         settings.TEMPORAL_ADDRESS,
         namespace=settings.TEMPORAL_NAMESPACE,
         interceptors=interceptors,
+        lazy=True,
     )
 
 

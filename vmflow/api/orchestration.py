@@ -54,7 +54,16 @@ class StartedWorkflow:
     started: bool  # False when the id already existed, so an earlier request had started it
 
 
-def _translate(error: RPCError, workflow_id: str, action: str) -> Exception:
+def _translate(error: RPCError | RuntimeError, workflow_id: str, action: str) -> Exception:
+    if not isinstance(error, RPCError):
+        # NOTE: temporalio 1.35 raises a plain RuntimeError("Failed client connect: …")
+        # when a lazy client cannot reach the server; other RuntimeErrors are bugs.
+        if "connect" not in str(error):
+            raise error
+        return OrchestrationUnavailableError(
+            f"cannot {action} workflow {workflow_id!r}: Temporal is unreachable ({error}); "
+            "check that Temporal runs at TEMPORAL_ADDRESS"
+        )
     if error.status == RPCStatusCode.NOT_FOUND:
         return NotFoundError(
             "workflow_not_found",
@@ -95,7 +104,7 @@ class Orchestrator:
             )
         except WorkflowAlreadyStartedError:
             return False
-        except RPCError as error:
+        except (RPCError, RuntimeError) as error:
             raise _translate(error, workflow_id, f"start {workflow}") from error
         return True
 
@@ -143,7 +152,7 @@ class Orchestrator:
     async def signal(self, workflow_id: str, signal: str, payload: Any) -> None:
         try:
             await self.client.get_workflow_handle(workflow_id).signal(signal, payload)
-        except RPCError as error:
+        except (RPCError, RuntimeError) as error:
             raise _translate(error, workflow_id, f"send {signal} to") from error
 
     async def signal_run(self, run_id: str, signal: str, payload: Any) -> None:
@@ -171,12 +180,12 @@ class Orchestrator:
                 f"run workflow {workflow_id!r} rejected the completion of waitpoint "
                 f"{completion.waitpoint_id!r}: {error.cause or error}",
             ) from error
-        except RPCError as error:
+        except (RPCError, RuntimeError) as error:
             raise _translate(error, workflow_id, "complete a waitpoint of") from error
 
     async def cancel_run(self, run_id: str) -> None:
         workflow_id = run_workflow_id(run_id)
         try:
             await self.client.get_workflow_handle(workflow_id).cancel()
-        except RPCError as error:
+        except (RPCError, RuntimeError) as error:
             raise _translate(error, workflow_id, "cancel") from error
