@@ -26,7 +26,7 @@ from temporalio.worker import Worker
 from activities.database import DatabaseActivities
 from activities.gateway import GatewayActivities
 from activities.spans import SpanActivities
-from activities.tokens import workload_token_issuer
+from activities.tokens import MissingWorkloadSecretError, workload_token_issuer
 from vmflow.compute import ComputeClient
 from vmflow.config import ConfigError, Settings, get_settings
 from vmflow.storage.db import create_engine_from_url, session_factory
@@ -195,7 +195,9 @@ def main() -> int:
     )
     try:
         settings = get_settings()
-    except ConfigError as error:
+        # Checked before connecting, so a missing secret fails at once with its name.
+        workload_token_issuer(settings)
+    except (ConfigError, MissingWorkloadSecretError) as error:
         print(error, file=sys.stderr)
         return 2
     asyncio.run(run_worker(settings))

@@ -73,7 +73,7 @@ class TemplateBuildWorkflow:
                 timeout_summary=f"template callback for {input.image}",
             )
         except TimeoutError:
-            reason = f"no template callback within {input.timeout_s} s"
+            reason = f"no template callback within {input.timeout_s:g} s"
             failed = TemplateBuildResult(input.deployment_id, False, error=reason)
             return await self._done(input, failed)
 

@@ -78,6 +78,7 @@ class RecordingGateway:
         # "completed", "failed", "rejected" (409 on the request), "lost" (a snapshot
         # but no callback) or "vanished" (neither).
         self.snapshot_mode = "completed"
+        # "completed", "failed" or "lost" (no callback).
         self.template_mode = "completed"
         # When set, callbacks wait in `held_callbacks` until `release_callbacks()`.
         self.hold_callbacks = False
@@ -305,6 +306,9 @@ class _Templates:
                 error="runner never became ready: test double",
                 metadata=dict(request.callback.metadata),
             )
+
+        if gateway.template_mode == "lost":
+            return None
 
         async def callback() -> None:
             await gateway.signal_template(deployment_id, message)

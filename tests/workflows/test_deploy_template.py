@@ -184,3 +184,23 @@ async def test_deploy_without_gateway_skips(dev_harness: Harness) -> None:
     assert result.template_mode == "skip"
     assert result.status == "DEPLOYED"
     assert dev_harness.gateway.calls == []
+
+
+async def test_deploy_lost_template_callback_times_out(harness: Harness) -> None:
+    # Time-skipping server: the build's timeout timer is skipped, not waited for.
+    await harness.start_workers()
+    harness.gateway.template_mode = "lost"
+    seeded = seed_deployment(harness.sessions, workload_type=WorkloadType.MICROVM)
+
+    handle = await harness.client.start_workflow(
+        DeployTemplateWorkflow.run,
+        DeployTemplateInput(deployment_id=seeded.deployment_id, template_timeout_s=600),
+        id=deploy_workflow_id(seeded.deployment_id),
+        task_queue=harness.task_queue,
+    )
+    result = await handle.result()
+
+    assert result.status == "FAILED"
+    assert result.error_name == TEMPLATE_CREATION_FAILED
+    assert result.error_message == "no template callback within 600 s"
+    assert deployment_row(harness, seeded.deployment_id).status == DeploymentStatus.FAILED

@@ -79,3 +79,24 @@ async def test_worker_serves_and_stops_on_sigterm(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_worker_without_workload_secret_exits(sqlite_database_url: str) -> None:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("COMPUTE_", "VMFLOW_", "OTEL_"))
+    }
+    env["DATABASE_URL"] = sqlite_database_url
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(WORKER),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(PROCESS_WAIT_S):
+        _, stderr = await process.communicate()
+
+    assert process.returncode == 2
+    assert b"VMFLOW_WORKLOAD_SECRET is not set" in stderr
