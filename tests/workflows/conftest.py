@@ -80,10 +80,11 @@ def seed_deployment(
     feature_flags: dict[str, Any] | None = None,
     with_group: bool = True,
     deployment_id: str | None = None,
+    image: str | None = None,
 ) -> Seeded:
     """Insert an organization, a project with its default worker group, and a deployment."""
     suffix = uuid.uuid4().hex[:10]
-    image = f"registry.test:5000/team/app:{suffix}@sha256:{'ab' * 32}"
+    image = image or f"registry.test:5000/team/app:{suffix}@sha256:{'ab' * 32}"
     with session_scope(sessions) as session:
         organization = Organization(slug=f"org-{suffix}", feature_flags=feature_flags or {})
         group = WorkerInstanceGroup(name=f"group-{suffix}", workload_type=workload_type)

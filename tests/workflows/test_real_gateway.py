@@ -44,7 +44,13 @@ from vmflow.gateway.images import ImageStore
 from vmflow.gateway.server import GatewayServer
 from vmflow.gateway.settings import GatewaySettings
 from vmflow.storage.db import session_scope
-from vmflow.storage.models import CheckpointType, TaskRunCheckpoint
+from vmflow.storage.models import (
+    CheckpointType,
+    Deployment,
+    DeploymentStatus,
+    TaskRunCheckpoint,
+    WorkloadType,
+)
 from vmflow.telemetry import ComputeSpanRecorder, build_tracer_provider
 from worker import WORKFLOWS, ActivitySet, build_workers
 from workflows.contract import (
@@ -53,6 +59,7 @@ from workflows.contract import (
     SIGNAL_RUNNER_STARTED,
     SIGNAL_SUSPEND_REQUESTED,
     SIGNAL_WAITPOINT_COMPLETED,
+    DeployTemplateInput,
     RunExecutionInput,
     RunExecutionResult,
     RunnerFinished,
@@ -62,9 +69,11 @@ from workflows.contract import (
     SuspendRequested,
     WaitpointCompleted,
     WaitpointKind,
+    deploy_workflow_id,
     run_workflow_id,
     runner_id_for,
 )
+from workflows.deploy_template import DeployTemplateWorkflow
 from workflows.run_execution import RunExecutionWorkflow
 
 pytestmark = [
@@ -324,3 +333,27 @@ async def test_real_gateway_runs_suspend_together(real_stack: RealStack) -> None
         result = await finish(handle, runner_id_for(run_id, 2))
         assert result.state == RunState.COMPLETED
         assert result.snapshot_count == 1
+
+
+async def test_real_gateway_required_template(real_stack: RealStack) -> None:
+    seeded = seed_deployment(
+        real_stack.sessions, workload_type=WorkloadType.MICROVM, image=real_stack.image
+    )
+
+    result = await real_stack.env.client.execute_workflow(
+        DeployTemplateWorkflow.run,
+        DeployTemplateInput(
+            deployment_id=seeded.deployment_id, cpu=0.5, memory_gb=0.25, template_timeout_s=120
+        ),
+        id=deploy_workflow_id(seeded.deployment_id),
+        task_queue=real_stack.task_queue,
+    )
+
+    assert result.template_mode == "required"
+    assert result.status == "DEPLOYED"
+    assert result.template_id is not None
+    with session_scope(real_stack.sessions) as session:
+        deployment = session.get(Deployment, seeded.deployment_id)
+        assert deployment is not None
+        assert deployment.template_id == result.template_id
+        assert deployment.status == DeploymentStatus.DEPLOYED
