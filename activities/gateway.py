@@ -160,6 +160,40 @@ def _is_not_found(error: ComputeError) -> bool:
     return isinstance(error, ComputeHTTPError) and error.status == 404
 
 
+def _log_instance_created(
+    *,
+    run_id: str,
+    deployment_id: str,
+    runner_id: str,
+    instance_id: str,
+    image: str | None,
+    restored_from: str | None,
+    start_ns: int,
+    end_ns: int,
+    gateway_timing: dict[str, Any] | None,
+) -> None:
+    """Log one wide line per instance creation, so one search finds every id and timing."""
+    info = activity.info()
+    fields = {
+        "event": "instance.created",
+        "run_id": run_id,
+        "deployment_id": deployment_id,
+        "runner_id": runner_id,
+        "instance_id": instance_id,
+        "image": image,
+        "restored_from_snapshot_id": restored_from,
+        "workflow_id": info.workflow_id,
+        "workflow_run_id": info.workflow_run_id,
+        "activity_id": info.activity_id,
+        "attempt": info.attempt,
+        "start_ns": start_ns,
+        "end_ns": end_ns,
+        "duration_ms": (end_ns - start_ns) / 1e6,
+        "gateway_timing": gateway_timing,
+    }
+    logger.info("instance created %s", json.dumps(fields, sort_keys=True, default=str))
+
+
 class GatewayActivities:
     """Gateway activities sharing one `ComputeClient` (or None when no gateway is configured)."""
 
@@ -187,7 +221,6 @@ class GatewayActivities:
     @activity.defn(name="provision_instance")
     async def provision_instance(self, input: ProvisionInput) -> ProvisionResult:
         """Create the run's instance with the runner's environment and workload token."""
-        info = activity.info()
         request = InstanceCreateRequest(
             name=input.runner_id,
             image=strip_image_digest(input.image),
@@ -209,29 +242,16 @@ class GatewayActivities:
             raise to_application_error(error) from error
         end_ns = time.time_ns()
 
-        # One wide line per instance creation, so one search finds every id and timing.
-        logger.info(
-            "instance created %s",
-            json.dumps(
-                {
-                    "event": "instance.created",
-                    "run_id": input.run_id,
-                    "deployment_id": input.deployment_id,
-                    "runner_id": input.runner_id,
-                    "instance_id": response.id,
-                    "image": request.image,
-                    "workflow_id": info.workflow_id,
-                    "workflow_run_id": info.workflow_run_id,
-                    "activity_id": info.activity_id,
-                    "attempt": info.attempt,
-                    "start_ns": start_ns,
-                    "end_ns": end_ns,
-                    "duration_ms": (end_ns - start_ns) / 1e6,
-                    "gateway_timing": response.timing,
-                },
-                sort_keys=True,
-                default=str,
-            ),
+        _log_instance_created(
+            run_id=input.run_id,
+            deployment_id=input.deployment_id,
+            runner_id=input.runner_id,
+            instance_id=response.id,
+            image=request.image,
+            restored_from=None,
+            start_ns=start_ns,
+            end_ns=end_ns,
+            gateway_timing=response.timing,
         )
         return ProvisionResult(
             instance_id=response.id,
@@ -326,13 +346,16 @@ class GatewayActivities:
                 type="ComputeResponseError",
                 non_retryable=True,
             )
-        logger.info(
-            "snapshot %s of run %s restored as instance %s for runner %s in %.1f ms",
-            input.snapshot_id,
-            input.run_id,
-            response.id,
-            input.runner_id,
-            (end_ns - start_ns) / 1e6,
+        _log_instance_created(
+            run_id=input.run_id,
+            deployment_id=input.deployment_id,
+            runner_id=input.runner_id,
+            instance_id=response.id,
+            image=None,
+            restored_from=input.snapshot_id,
+            start_ns=start_ns,
+            end_ns=end_ns,
+            gateway_timing=response.timing,
         )
         return RestoreResult(
             instance_id=response.id,

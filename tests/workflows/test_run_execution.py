@@ -596,14 +596,23 @@ async def test_run_logs_wide_line_per_instance(
 ) -> None:
     caplog.set_level(logging.INFO, logger="activities.gateway")
     await harness.start_workers()
-    run_id, handle = await start_run(harness)
-    runner = await started_runner(harness, handle, run_id)
-    await finish(handle, runner)
+    run_id, handle = await suspended_run(harness, "wp-logged")
+    await resolve(handle, "wp-logged")
+    await harness.gateway.wait_for("snapshots.restore")
+    await finish(handle, f"{run_id}-r2")
 
     messages = [record.getMessage() for record in caplog.records]
     lines = [message for message in messages if message.startswith("instance created")]
-    assert len(lines) == 1
+    assert len(lines) == 2
+    restored = json.loads(lines[1].removeprefix("instance created "))
+    assert restored["runner_id"] == f"{run_id}-r2"
+    assert (
+        restored["restored_from_snapshot_id"]
+        == harness.gateway.calls_of("snapshots.restore")[0].target
+    )
+    assert restored["gateway_timing"] == {"restore_ms": 7.0}
     fields = json.loads(lines[0].removeprefix("instance created "))
+    assert fields["restored_from_snapshot_id"] is None
     assert fields["run_id"] == run_id
     assert fields["runner_id"] == f"{run_id}-r1"
     assert fields["instance_id"] == harness.gateway.calls_of("instances.create")[0].target
