@@ -16,7 +16,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,39 @@ class RealStack:
     sessions: sessionmaker[Session]
     image: str
     task_queue: str
+    api_url: str
+    api_settings: Settings
+    executor: ThreadPoolExecutor
+    recorder: ComputeSpanRecorder
+    _workers: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+
+    async def start_workers(self, *, api_url: str | None = None) -> None:
+        """Start workers whose gateway callbacks go to `api_url` (the API by default)."""
+        activities = ActivitySet(
+            gateway=GatewayActivities(
+                self.compute,
+                api_url=api_url or self.api_url,
+                issue_token=workload_token_issuer(self.api_settings),
+            ),
+            database=DatabaseActivities(
+                self.sessions, gateway_configured=True, shadow_rollout_pct=0.0
+            ),
+            spans=SpanActivities(self.recorder),
+        )
+        for worker in build_workers(
+            self.env.client,
+            activities,
+            snapshot_dispatch_limit=2,
+            executor=self.executor,
+            task_queue=self.task_queue,
+            snapshot_task_queue=f"{self.task_queue}-snapshots",
+            max_cached_workflows=0,
+        ):
+            await self._workers.enter_async_context(worker)
+
+    async def stop_workers(self) -> None:
+        await self._workers.aclose()
+        self._workers = contextlib.AsyncExitStack()
 
     async def start_run(self, **overrides: Any) -> tuple[str, WorkflowHandle[Any, Any]]:
         seeded = seed_deployment(self.sessions)
@@ -167,7 +200,7 @@ async def real_stack(
         image_dir=tmp_path / "images",
         cgroup_parent=CGROUP_PARENT,
         pids_max=64,
-    )  # type: ignore[arg-type]
+    )
     image = build_sleeper_image(gateway_settings.image_dir, tmp_path)
     task_queue = new_id("tq-real")
     executor = ThreadPoolExecutor(4)
@@ -189,27 +222,22 @@ async def real_stack(
         async with (
             serve_api(app) as api_url,
             ComputeClient(gateway.url, auth_token=AUTH_TOKEN, timeout_s=120) as compute,
-            contextlib.AsyncExitStack() as workers,
         ):
-            activities = ActivitySet(
-                gateway=GatewayActivities(
-                    compute, api_url=api_url, issue_token=workload_token_issuer(api_settings)
-                ),
-                database=DatabaseActivities(
-                    sessions, gateway_configured=True, shadow_rollout_pct=0.0
-                ),
-                spans=SpanActivities(ComputeSpanRecorder(provider)),
-            )
-            for worker in build_workers(
-                temporal_dev_env.client,
-                activities,
-                snapshot_dispatch_limit=2,
-                executor=executor,
+            stack = RealStack(
+                env=temporal_dev_env,
+                compute=compute,
+                sessions=sessions,
+                image=image,
                 task_queue=task_queue,
-                snapshot_task_queue=f"{task_queue}-snapshots",
-            ):
-                await workers.enter_async_context(worker)
-            yield RealStack(temporal_dev_env, compute, sessions, image, task_queue)
+                api_url=api_url,
+                api_settings=api_settings,
+                executor=executor,
+                recorder=ComputeSpanRecorder(provider),
+            )
+            try:
+                yield stack
+            finally:
+                await stack.stop_workers()
     executor.shutdown(wait=True)
     provider.shutdown()
 
@@ -253,6 +281,7 @@ async def suspend(handle: WorkflowHandle[Any, Any], runner_id: str, waitpoint_id
 
 
 async def test_real_gateway_resolution_before_delay(real_stack: RealStack) -> None:
+    await real_stack.start_workers()
     run_id, handle = await real_stack.start_run(snapshot_delay_ms=60_000)
     view = await wait_for_state(handle, lambda v: v.state == RunState.EXECUTING, "EXECUTING")
     instance_id = view.instance_id
@@ -271,6 +300,7 @@ async def test_real_gateway_resolution_before_delay(real_stack: RealStack) -> No
 
 
 async def test_real_gateway_snapshot_and_restore(real_stack: RealStack) -> None:
+    await real_stack.start_workers()
     run_id, handle = await real_stack.start_run()
     first = await wait_for_state(handle, lambda v: v.state == RunState.EXECUTING, "EXECUTING")
     runner = runner_id_for(run_id, 1)
@@ -318,6 +348,7 @@ async def test_real_gateway_snapshot_and_restore(real_stack: RealStack) -> None:
 
 async def test_real_gateway_runs_suspend_together(real_stack: RealStack) -> None:
     # Four runs through a snapshot queue with two slots: requests wait for a slot.
+    await real_stack.start_workers()
     runs = [await real_stack.start_run() for _ in range(4)]
     for run_id, handle in runs:
         await wait_for_state(handle, lambda v: v.state == RunState.EXECUTING, "EXECUTING")
@@ -336,6 +367,7 @@ async def test_real_gateway_runs_suspend_together(real_stack: RealStack) -> None
 
 
 async def test_real_gateway_required_template(real_stack: RealStack) -> None:
+    await real_stack.start_workers()
     seeded = seed_deployment(
         real_stack.sessions, workload_type=WorkloadType.MICROVM, image=real_stack.image
     )
@@ -357,3 +389,44 @@ async def test_real_gateway_required_template(real_stack: RealStack) -> None:
         assert deployment is not None
         assert deployment.template_id == result.template_id
         assert deployment.status == DeploymentStatus.DEPLOYED
+
+
+async def test_real_gateway_lost_callback_is_reconciled(
+    real_stack: RealStack, closed_tcp_port: int
+) -> None:
+    # Callbacks go to a port where nothing listens, so the gateway's callback is lost.
+    await real_stack.start_workers(api_url=f"http://127.0.0.1:{closed_tcp_port}")
+    run_id, handle = await real_stack.start_run(snapshot_callback_timeout_s=2.0)
+    await wait_for_state(handle, lambda v: v.state == RunState.EXECUTING, "EXECUTING")
+    runner = runner_id_for(run_id, 1)
+
+    await suspend(handle, runner, "wp-lost")
+    view = await wait_for_state(handle, lambda v: v.state == RunState.SUSPENDED, "SUSPENDED")
+    assert view.snapshot_id is not None
+    snapshot = await real_stack.compute.snapshots.get(view.snapshot_id)
+    assert snapshot.state == SnapshotState.COMPLETED
+
+    await handle.signal(SIGNAL_WAITPOINT_COMPLETED, WaitpointCompleted("wp-lost"))
+    await wait_for_state(handle, lambda v: v.restore_count == 1, "restored")
+    result = await finish(handle, runner_id_for(run_id, 2))
+    assert result.state == RunState.COMPLETED
+
+
+async def test_real_gateway_worker_restart_during_delay(real_stack: RealStack) -> None:
+    await real_stack.start_workers()
+    run_id, handle = await real_stack.start_run(snapshot_delay_ms=3_000)
+    await wait_for_state(handle, lambda v: v.state == RunState.EXECUTING, "EXECUTING")
+    runner = runner_id_for(run_id, 1)
+    await suspend(handle, runner, "wp-restart")
+    await wait_for_state(handle, lambda v: v.state == RunState.SUSPENDING, "SUSPENDING")
+
+    # The delay is a server-side timer: a new worker takes the snapshot when it fires.
+    await real_stack.stop_workers()
+    await real_stack.start_workers()
+    view = await wait_for_state(handle, lambda v: v.state == RunState.SUSPENDED, "SUSPENDED")
+    assert view.snapshot_count == 1
+
+    await handle.signal(SIGNAL_WAITPOINT_COMPLETED, WaitpointCompleted("wp-restart"))
+    await wait_for_state(handle, lambda v: v.restore_count == 1, "restored")
+    result = await finish(handle, runner_id_for(run_id, 2))
+    assert result.state == RunState.COMPLETED
