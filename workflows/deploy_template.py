@@ -33,7 +33,7 @@ with workflow.unsafe.imports_passed_through():
         TemplateBuildInput,
         template_build_workflow_id,
     )
-    from workflows.run_execution import DATABASE_RETRY, DATABASE_TIMEOUT
+    from workflows.options import DATABASE_RETRY, DATABASE_TIMEOUT
     from workflows.template_build import TemplateBuildWorkflow
 
 TEMPLATE_CREATION_FAILED = "TemplateCreationFailed"

@@ -17,7 +17,6 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
@@ -68,28 +67,15 @@ with workflow.unsafe.imports_passed_through():
         WaitpointKind,
         runner_id_for,
     )
-
-GATEWAY_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=30),
-    maximum_attempts=8,
-)
-DATABASE_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=30),
-    maximum_attempts=20,
-)
-# Spans are best effort: one retry, then the run goes on without the span.
-SPAN_RETRY = RetryPolicy(maximum_attempts=2)
-
-GATEWAY_CALL_TIMEOUT = timedelta(seconds=60)
-# Restores boot a microVM or CRIU-restore a process tree before the gateway responds.
-RESTORE_TIMEOUT = timedelta(minutes=5)
-# A snapshot request may wait this long in the snapshot queue for a free slot.
-SNAPSHOT_QUEUE_TIMEOUT = timedelta(minutes=10)
-DATABASE_TIMEOUT = timedelta(seconds=30)
+    from workflows.options import (
+        DATABASE_RETRY,
+        DATABASE_TIMEOUT,
+        GATEWAY_CALL_TIMEOUT,
+        GATEWAY_RETRY,
+        RESTORE_TIMEOUT,
+        SNAPSHOT_QUEUE_TIMEOUT,
+        SPAN_RETRY,
+    )
 
 # How many times the workflow checks with the gateway on a snapshot whose callback is late.
 MAX_SNAPSHOT_CHECKS = 5

@@ -19,7 +19,7 @@ with workflow.unsafe.imports_passed_through():
         TemplateBuildResult,
         TemplateFinished,
     )
-    from workflows.run_execution import (
+    from workflows.options import (
         DATABASE_RETRY,
         DATABASE_TIMEOUT,
         GATEWAY_CALL_TIMEOUT,
