@@ -93,7 +93,7 @@ class RunState(StrEnum):
 
     PROVISIONING = "PROVISIONING"
     EXECUTING = "EXECUTING"
-    # The runner asked to suspend; the snapshot delay timer is running.
+    # The runner requested a suspend, and the snapshot delay timer is running.
     SUSPENDING = "SUSPENDING"
     SNAPSHOTTING = "SNAPSHOTTING"
     # Snapshot taken and instance released; waiting for the waitpoint.
@@ -139,7 +139,7 @@ class RunExecutionInput:
     snapshot_delay_ms: int = 5_000
     # Maximum run time from the first start, across continue-as-new; None means none.
     max_duration_s: float | None = None
-    # Seconds to wait for the gateway's snapshot callback before asking the gateway.
+    # Seconds to wait for the snapshot callback before querying the gateway instead.
     snapshot_callback_timeout_s: float = 120.0
     # History length that triggers continue-as-new at the next quiet point; None
     # leaves it to the server's suggestion.
