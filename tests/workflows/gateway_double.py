@@ -78,6 +78,8 @@ class RecordingGateway:
         # "completed", "failed", "rejected" (409 on the request), "lost" (a snapshot
         # but no callback) or "vanished" (neither).
         self.snapshot_mode = "completed"
+        # When set, instance creation fails with this HTTP status.
+        self.create_error_status: int | None = None
         # "completed", "failed" or "lost" (no callback).
         self.template_mode = "completed"
         # When set, callbacks wait in `held_callbacks` until `release_callbacks()`.
@@ -164,6 +166,13 @@ class _Instances:
         self._gateway = gateway
 
     async def create(self, request: InstanceCreateRequest) -> InstanceCreateResponse:
+        status = self._gateway.create_error_status
+        if status is not None:
+            await self._gateway.record("instances.create", None, request)
+            url = "http://gateway.test/api/instances"
+            raise ComputeHTTPError(
+                f"POST {url} returned {status}", url=url, status=status, body="rejected"
+            )
         instance_id = self._gateway.new_id("inst")
         self._gateway.instance_states[instance_id] = InstanceState.RUNNING
         await self._gateway.record("instances.create", instance_id, request)

@@ -646,3 +646,37 @@ async def test_run_is_readable_in_the_ui(dev_harness: Harness) -> None:
     ]
     assert any(summary.startswith('"provision ') for summary in summaries)
     assert any("release instance" in summary for summary in summaries)
+
+
+async def test_run_rejected_provision_fails_run(harness: Harness) -> None:
+    await harness.start_workers()
+    harness.gateway.create_error_status = 422
+    run_id, handle = await start_run(harness)
+
+    result = await handle.result()
+
+    assert result.state == RunState.FAILED
+    assert result.error is not None
+    assert result.error["name"] == "ProvisionFailed"
+    assert "returned 422" in result.error["message"]
+    # A 422 is a validation error: one request, no retries.
+    assert len(harness.gateway.calls_of("instances.create")) == 1
+    with session_scope(harness.sessions) as session:
+        run = session.get(TaskRun, run_id)
+        assert run is not None
+        assert run.status == TaskRunStatus.FAILED
+
+
+async def test_run_unavailable_gateway_is_retried(harness: Harness) -> None:
+    await harness.start_workers()
+    harness.gateway.create_error_status = 503
+    run_id, handle = await start_run(harness)
+
+    await harness.gateway.wait_for("instances.create", 2)
+    harness.gateway.create_error_status = None
+    await harness.gateway.wait_until(
+        lambda: any(call.target for call in harness.gateway.calls_of("instances.create")),
+        "an instance was created",
+    )
+    result = await finish(handle, runner_id_for(run_id, 1))
+    assert result.state == RunState.COMPLETED
