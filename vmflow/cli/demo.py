@@ -36,13 +36,16 @@ from vmflow.cli.local import (
     DEFAULT_TEMPORAL_ADDRESS,
     DEFAULT_TEMPORAL_UI_URL,
     LocalStateError,
+    read_secrets,
     read_stack_addresses,
     resolve_api_key,
     resolve_api_url,
+    secrets_path,
 )
 from vmflow.cli.runs import FINAL_STATUSES, run_watcher
 from vmflow.cli.stack import LocalStack, StackError, StackPorts, free_port
 from vmflow.cli.timeline import RunTimeline, read_run_timeline
+from vmflow.compute.models import Health
 from vmflow.config import default_data_dir
 from vmflow.gateway.images import ImageStore
 from vmflow.gateway.settings import load_gateway_settings
@@ -63,6 +66,10 @@ class DemoTargets:
     api_key: str
     temporal_address: str
     temporal_ui_url: str
+    # Checked before the demo starts, when known, so a gateway that cannot
+    # snapshot fails the demo at once instead of after its timeout.
+    gateway_url: str | None = None
+    gateway_token: str | None = None
 
 
 @dataclass
@@ -81,6 +88,8 @@ def run_demo(
     payload: dict[str, Any] | None = None,
 ) -> DemoResult:
     """Run the demo's steps against a running stack and return what happened."""
+    if targets.gateway_url is not None:
+        check_gateway_snapshots(targets.gateway_url, targets.gateway_token)
     emit(f"building {DEMO_IMAGE} from {EXAMPLE_DIR}")
     if not EXAMPLE_DIR.is_dir():
         raise ImageInspectionError(
@@ -148,6 +157,23 @@ def run_demo(
     return DemoResult(deployment=deployment, run=run, timeline=timeline, ui_link=ui_link)
 
 
+def check_gateway_snapshots(gateway_url: str, token: str | None) -> None:
+    """Raise `DemoError` unless the gateway has a driver that is available and can snapshot."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.get(f"{gateway_url}/healthz", headers=headers, timeout=10)
+        response.raise_for_status()
+        health = Health.model_validate_json(response.content)
+    except (httpx.HTTPError, ValueError) as error:
+        raise DemoError(f"cannot read the gateway's health at {gateway_url}: {error}") from error
+    if not any(driver.available and driver.snapshots for driver in health.drivers):
+        details = "; ".join(f"{driver.name}: {driver.detail}" for driver in health.drivers)
+        raise DemoError(
+            f"the gateway at {gateway_url} cannot take snapshots ({details or 'no driver'}); "
+            "the demo needs root and CRIU 4 (run scripts/install-criu.sh as root)"
+        )
+
+
 async def _read_timeline(address: str, run_id: str) -> RunTimeline:
     client = await Client.connect(address)
     return await read_run_timeline(client, run_id)
@@ -194,6 +220,10 @@ def _running_stack(api_url: str) -> DemoTargets | None:
         temporal_address=os.environ.get("TEMPORAL_ADDRESS")
         or (addresses.temporal_address if addresses else DEFAULT_TEMPORAL_ADDRESS),
         temporal_ui_url=addresses.temporal_ui_url if addresses else DEFAULT_TEMPORAL_UI_URL,
+        gateway_url=addresses.gateway_url if addresses else None,
+        gateway_token=read_secrets(secrets_path()).gateway_token
+        if secrets_path().is_file()
+        else None,
     )
 
 
@@ -228,6 +258,9 @@ def demo(
 
     stack: LocalStack | None = None
     previous = signal.signal(signal.SIGTERM, raise_terminate)
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps
+    # it ignored; Ctrl-C and `kill -INT` must stop the stack all the same.
+    previous_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         targets = _running_stack(resolve_api_url())
         if targets is not None:
@@ -253,6 +286,8 @@ def demo(
                 api_key=stack.secrets.api_key,
                 temporal_address=stack.temporal_address,
                 temporal_ui_url=stack.temporal_ui_url,
+                gateway_url=stack.gateway_url,
+                gateway_token=stack.secrets.gateway_token,
             )
         result = run_demo(targets, timeout_s=timeout)
         print_result(result)
@@ -277,3 +312,4 @@ def demo(
         if stack is not None:
             stack.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_interrupt)

@@ -108,6 +108,9 @@ def dev(
     )
 
     previous = signal.signal(signal.SIGTERM, raise_terminate)
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps
+    # it ignored; Ctrl-C and `kill -INT` must stop the stack all the same.
+    previous_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with console.status("starting the local stack"):
             stack.start()
@@ -129,4 +132,5 @@ def dev(
     finally:
         stack.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_interrupt)
     console.print("stopped every part of the local stack")
