@@ -51,6 +51,8 @@ def _demo(stack: LocalStack) -> DemoResult:
         api_key=stack.secrets.api_key,
         temporal_address=stack.temporal_address,
         temporal_ui_url=stack.temporal_ui_url,
+        gateway_url=stack.gateway_url,
+        gateway_token=stack.secrets.gateway_token,
     )
     return run_demo(targets, emit=lambda message: None, timeout_s=180)
 
