@@ -293,3 +293,30 @@ async def test_complete_token_of_closed_run_stays_pending(api_server: ApiServer)
         assert row is not None
         assert row.status is WaitpointStatus.PENDING
         assert row.output is None
+
+
+async def test_concurrent_finalize_creates_one_deployment(api_server: ApiServer) -> None:
+    body = {"project": unique("proj"), "version": "1", "image": "app:1", "tasks": ["t"]}
+    async with api_server.http() as http:
+        responses = await asyncio.gather(
+            *(http.post("/api/v1/deployments/finalize", json=body) for _ in range(5))
+        )
+
+    for response in responses:
+        assert response.status_code in (200, 201), response.text
+    assert len({response.json()["id"] for response in responses}) == 1
+    assert [response.status_code for response in responses].count(201) == 1
+
+
+async def test_concurrent_triggers_share_idempotency_key(api_server: ApiServer) -> None:
+    deployment = await deploy(api_server)
+    body = {"deployment_id": deployment["id"], "idempotency_key": unique("key")}
+    async with api_server.http() as http:
+        responses = await asyncio.gather(
+            *(http.post("/api/v1/tasks/approval-report/trigger", json=body) for _ in range(5))
+        )
+
+    for response in responses:
+        assert response.status_code in (200, 201), response.text
+    assert len({response.json()["run_id"] for response in responses}) == 1
+    assert [response.json()["created"] for response in responses].count(True) == 1

@@ -10,7 +10,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from vmflow.api.errors import ConflictError, InvalidRequestError, NotFoundError
+from vmflow.api.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    retry_once_on_conflict,
+)
 from vmflow.api.orchestration import Orchestrator
 from vmflow.api.schemas import DeploymentFinalizeRequest, DeploymentResponse, ErrorResponse
 from vmflow.compute.images import InvalidImageReferenceError, strip_image_digest
@@ -139,7 +144,7 @@ async def finalize_deployment(
         with session_scope(request.app.state.session_factory) as session:
             return _upsert_deployment(session, body, image)
 
-    upserted = await run_in_threadpool(upsert)
+    upserted = await run_in_threadpool(retry_once_on_conflict, upsert)
     deployment = upserted.response
 
     orchestrator: Orchestrator = request.app.state.orchestrator

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import IntegrityError
+
+T = TypeVar("T")
+
 
 class ApiError(Exception):
     """Root of the errors the API's routes raise; the app turns each into a JSON 4xx or 5xx."""
@@ -47,3 +54,16 @@ class InvalidRequestError(ApiError):
     def __init__(self, error: str, detail: str) -> None:
         super().__init__(detail)
         self.error = error
+
+
+def retry_once_on_conflict(step: Callable[[], T]) -> T:
+    """Run a database transaction, and run it once more if a unique constraint rejected it.
+
+    Two requests that create the same project, deployment version or
+    idempotency key at once both pass their existence checks, and one insert
+    fails; the second attempt then finds the other request's row.
+    """
+    try:
+        return step()
+    except IntegrityError:
+        return step()

@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from vmflow.api.errors import ConflictError, NotFoundError
+from vmflow.api.errors import ConflictError, NotFoundError, retry_once_on_conflict
 from vmflow.api.orchestration import Orchestrator, RunSpec
 from vmflow.api.schemas import (
     CheckpointResponse,
@@ -185,7 +185,7 @@ async def trigger_task(
             )
             return spec, created
 
-    spec, created = await run_in_threadpool(create)
+    spec, created = await run_in_threadpool(retry_once_on_conflict, create)
     run_id, deployment_id = spec.run_id, spec.deployment_id
 
     orchestrator: Orchestrator = request.app.state.orchestrator
@@ -218,8 +218,8 @@ async def trigger_task(
     )
 
 
-def _delete_run(factory: object, run_id: str) -> None:
-    with session_scope(factory) as session:  # type: ignore[arg-type]
+def _delete_run(factory: sessionmaker[Session], run_id: str) -> None:
+    with session_scope(factory) as session:
         run = session.get(TaskRun, run_id)
         if run is not None:
             session.delete(run)
