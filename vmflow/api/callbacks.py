@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from vmflow.api.errors import InvalidRequestError
 from vmflow.api.orchestration import Orchestrator
-from vmflow.api.schemas import CallbackAccepted, ErrorResponse
+from vmflow.api.schemas import CallbackAccepted, error_responses
 from vmflow.api.security import verified_callback_body
 from vmflow.compute.models import SnapshotCallback, TemplateCallback
 from workflows import contract
@@ -30,12 +30,7 @@ router = APIRouter(tags=["gateway callbacks"])
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    413: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-}
+_ERRORS = error_responses(401, 404, 413, 422)
 
 VerifiedBody = Annotated[bytes, Depends(verified_callback_body)]
 

@@ -17,7 +17,7 @@ from vmflow.api.errors import (
     retry_once_on_conflict,
 )
 from vmflow.api.orchestration import Orchestrator
-from vmflow.api.schemas import DeploymentFinalizeRequest, DeploymentResponse, ErrorResponse
+from vmflow.api.schemas import DeploymentFinalizeRequest, DeploymentResponse, error_responses
 from vmflow.compute.images import InvalidImageReferenceError, strip_image_digest
 from vmflow.storage.db import session_scope
 from vmflow.storage.models import (
@@ -33,13 +33,7 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"])
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    409: {"model": ErrorResponse},
-    413: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-}
+_ERRORS = error_responses(401, 404, 409, 413, 422)
 
 
 def deployment_response(deployment: Deployment, project_slug: str) -> DeploymentResponse:

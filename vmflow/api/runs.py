@@ -14,7 +14,6 @@ from vmflow.api.errors import ConflictError, NotFoundError, retry_once_on_confli
 from vmflow.api.orchestration import Orchestrator, RunSpec
 from vmflow.api.schemas import (
     CheckpointResponse,
-    ErrorResponse,
     LogLineResponse,
     RunListResponse,
     RunLogResponse,
@@ -23,6 +22,7 @@ from vmflow.api.schemas import (
     TriggerRequest,
     TriggerResponse,
     WaitpointResponse,
+    error_responses,
 )
 from vmflow.storage.db import session_scope
 from vmflow.storage.models import (
@@ -40,14 +40,7 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1", tags=["runs"])
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    409: {"model": ErrorResponse},
-    413: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-    503: {"model": ErrorResponse},
-}
+_ERRORS = error_responses(401, 404, 409, 413, 422, 503)
 
 
 def run_response(run: TaskRun) -> RunResponse:

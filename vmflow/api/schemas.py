@@ -161,3 +161,8 @@ class ErrorResponse(BaseModel):
     errors: list[dict[str, Any]] | None = Field(
         default=None, description="Each invalid field, for validation errors."
     )
+
+
+def error_responses(*status_codes: int) -> dict[int | str, dict[str, object]]:
+    """Build a route's OpenAPI `responses` that document `ErrorResponse` for each status code."""
+    return {code: {"model": ErrorResponse} for code in status_codes}

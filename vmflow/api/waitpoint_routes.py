@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from vmflow.api.errors import ConflictError, InvalidRequestError, NotFoundError
 from vmflow.api.orchestration import Orchestrator
-from vmflow.api.schemas import ErrorResponse, WaitpointCompleteRequest, WaitpointResponse
+from vmflow.api.schemas import WaitpointCompleteRequest, WaitpointResponse, error_responses
 from vmflow.api.waitpoints import (
     WaitpointNotFoundError,
     WaitpointOutputError,
@@ -26,14 +26,7 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1/waitpoints", tags=["waitpoints"])
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    409: {"model": ErrorResponse},
-    413: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-    503: {"model": ErrorResponse},
-}
+_ERRORS = error_responses(401, 404, 409, 413, 422, 503)
 
 
 def _claim(factory: sessionmaker[Session], token_id: str, output: object) -> WaitpointResponse:
