@@ -161,16 +161,12 @@ def _is_not_found(error: ComputeError) -> bool:
 
 
 def _log_instance_created(
+    result: ProvisionResult | RestoreResult,
     *,
     run_id: str,
     deployment_id: str,
-    runner_id: str,
-    instance_id: str,
     image: str | None,
     restored_from: str | None,
-    start_ns: int,
-    end_ns: int,
-    gateway_timing: dict[str, Any] | None,
 ) -> None:
     """Log one wide line per instance creation, so one search finds every id and timing."""
     info = activity.info()
@@ -178,18 +174,18 @@ def _log_instance_created(
         "event": "instance.created",
         "run_id": run_id,
         "deployment_id": deployment_id,
-        "runner_id": runner_id,
-        "instance_id": instance_id,
+        "runner_id": result.runner_id,
+        "instance_id": result.instance_id,
         "image": image,
         "restored_from_snapshot_id": restored_from,
         "workflow_id": info.workflow_id,
         "workflow_run_id": info.workflow_run_id,
         "activity_id": info.activity_id,
         "attempt": info.attempt,
-        "start_ns": start_ns,
-        "end_ns": end_ns,
-        "duration_ms": (end_ns - start_ns) / 1e6,
-        "gateway_timing": gateway_timing,
+        "start_ns": result.start_ns,
+        "end_ns": result.end_ns,
+        "duration_ms": (result.end_ns - result.start_ns) / 1e6,
+        "gateway_timing": result.gateway_timing,
     }
     logger.info("instance created %s", json.dumps(fields, sort_keys=True, default=str))
 
@@ -242,24 +238,21 @@ class GatewayActivities:
             raise to_application_error(error) from error
         end_ns = time.time_ns()
 
+        result = ProvisionResult(
+            instance_id=response.id,
+            runner_id=input.runner_id,
+            start_ns=start_ns,
+            end_ns=end_ns,
+            gateway_timing=response.timing,
+        )
         _log_instance_created(
+            result,
             run_id=input.run_id,
             deployment_id=input.deployment_id,
-            runner_id=input.runner_id,
-            instance_id=response.id,
             image=request.image,
             restored_from=None,
-            start_ns=start_ns,
-            end_ns=end_ns,
-            gateway_timing=response.timing,
         )
-        return ProvisionResult(
-            instance_id=response.id,
-            runner_id=input.runner_id,
-            start_ns=start_ns,
-            end_ns=end_ns,
-            gateway_timing=response.timing,
-        )
+        return result
 
     @activity.defn(name="request_snapshot")
     async def request_snapshot(self, input: SnapshotRequestInput) -> SnapshotRequestResult:
@@ -346,24 +339,21 @@ class GatewayActivities:
                 type="ComputeResponseError",
                 non_retryable=True,
             )
+        result = RestoreResult(
+            instance_id=response.id,
+            runner_id=input.runner_id,
+            start_ns=start_ns,
+            end_ns=end_ns,
+            gateway_timing=response.timing,
+        )
         _log_instance_created(
+            result,
             run_id=input.run_id,
             deployment_id=input.deployment_id,
-            runner_id=input.runner_id,
-            instance_id=response.id,
             image=None,
             restored_from=input.snapshot_id,
-            start_ns=start_ns,
-            end_ns=end_ns,
-            gateway_timing=response.timing,
         )
-        return RestoreResult(
-            instance_id=response.id,
-            runner_id=input.runner_id,
-            start_ns=start_ns,
-            end_ns=end_ns,
-            gateway_timing=response.timing,
-        )
+        return result
 
     @activity.defn(name="delete_instance")
     async def delete_instance(self, input: DeleteInstanceInput) -> DeleteResult:
