@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,12 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from bench.processes import tree_rss_bytes
+from vmflow.cli.stack import free_port
 from workflows import contract
 
 TEMPORAL_BINARY = Path(sys.executable).parent / "temporal"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 class TemporalDevServer:
