@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmflow.gateway.drivers.criu import check_criu, find_criu
+from vmflow.gateway.drivers.criu import check_configured_criu
 
 # Imports what a runner has loaded, then sleeps until killed.
 COMPARABLE_PROGRAM = (
@@ -66,7 +66,7 @@ def _run_criu(command: list[str], log_path: Path) -> None:
 
 def measure(repeats: int) -> CriuFloorResult:
     """Dump the comparable process once and time `repeats` restores of it (after one warm-up)."""
-    status = check_criu(find_criu(os.environ.get("VMFLOW_GATEWAY_CRIU")))
+    status = check_configured_criu()
     if not status.works or status.path is None:
         raise CriuUnavailableError(status.detail)
     criu = status.path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from vmflow.gateway.drivers.criu import check_criu, find_criu
+from vmflow.gateway.drivers.criu import check_configured_criu
 
 MICROVM_LINE = (
     "microvm driver: not implemented in vmflow (only the sandbox driver exists), "
@@ -20,6 +20,6 @@ def check_sandbox_machine() -> None:
     """Raise `SandboxUnavailableError` naming what is missing for sandboxes with snapshots."""
     if os.geteuid() != 0:
         raise SandboxUnavailableError("the sandbox driver needs root (namespaces, cgroups)")
-    status = check_criu(find_criu(os.environ.get("VMFLOW_GATEWAY_CRIU")))
+    status = check_configured_criu()
     if not status.works:
         raise SandboxUnavailableError(f"snapshots need a working CRIU 4: {status.detail}")

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from vmflow.gateway.drivers.criu import check_criu, find_criu
+from vmflow.gateway.drivers.criu import check_configured_criu
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 SUITE_TIMEOUT_S = 900
 IS_ROOT = os.geteuid() == 0
-CRIU = check_criu(find_criu(os.environ.get("VMFLOW_GATEWAY_CRIU")))
+CRIU = check_configured_criu()
 
 pytestmark = pytest.mark.slow
 

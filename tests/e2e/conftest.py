@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from vmflow.gateway.drivers.criu import check_criu, find_criu
+from vmflow.gateway.drivers.criu import check_configured_criu
 
 IS_ROOT = os.geteuid() == 0
-CRIU = check_criu(find_criu(os.environ.get("VMFLOW_GATEWAY_CRIU")))
+CRIU = check_configured_criu()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

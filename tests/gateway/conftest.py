@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request, Response
 from vmflow.compute.client import ComputeClient
 from vmflow.compute.signing import SIGNATURE_HEADER, verify
 from vmflow.gateway.drivers.cgroups import CGROUP_ROOT, CONTROLLERS
-from vmflow.gateway.drivers.criu import check_criu, find_criu
+from vmflow.gateway.drivers.criu import check_configured_criu
 from vmflow.gateway.images import ImageStore
 from vmflow.gateway.server import GatewayServer
 from vmflow.gateway.settings import GatewaySettings
@@ -42,7 +42,7 @@ CALLBACK_SECRET = "gateway-test-callback-secret"
 CGROUP_PARENT = f"vmflow-test-{uuid.uuid4().hex[:8]}"
 
 IS_ROOT = os.geteuid() == 0
-CRIU = check_criu(find_criu(os.environ.get("VMFLOW_GATEWAY_CRIU")))
+CRIU = check_configured_criu()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -78,6 +79,14 @@ def check_criu(path: str | None) -> CriuStatus:
             path, version, False, f"criu check failed: {' | '.join(output[-_LOG_TAIL_LINES:])}"
         )
     return CriuStatus(path, version, True, f"criu {version} at {path}: criu check passed")
+
+
+def check_configured_criu() -> CriuStatus:
+    """Check the criu binary that VMFLOW_GATEWAY_CRIU names, else the one `find_criu` finds.
+
+    The gateway reads the same variable into `GatewaySettings.criu`.
+    """
+    return check_criu(find_criu(os.environ.get("VMFLOW_GATEWAY_CRIU")))
 
 
 def log_tail(log_path: Path) -> str:
