@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,9 +23,9 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-import uvicorn
 from fastapi import FastAPI, Request, Response
 
+from tests.servers import serve_app
 from vmflow.compute.client import ComputeClient
 from vmflow.compute.signing import SIGNATURE_HEADER, verify
 from vmflow.gateway.drivers.cgroups import CGROUP_ROOT, CONTROLLERS
@@ -127,26 +126,6 @@ async def delete_all_instances(server: GatewayServer) -> None:
 async def client(gateway_server: GatewayServer) -> AsyncIterator[ComputeClient]:
     async with ComputeClient(gateway_server.url, auth_token=AUTH_TOKEN, timeout_s=120) as compute:
         yield compute
-
-
-@contextlib.asynccontextmanager
-async def serve_app(app: FastAPI) -> AsyncIterator[str]:
-    """Run an ASGI app on uvicorn on a free 127.0.0.1 port; yield its base URL."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[listener]))
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "test server did not start"
-        assert not task.done(), "test server stopped during start-up"
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 @dataclass

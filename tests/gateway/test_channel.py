@@ -14,9 +14,8 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI, Request
 
+from tests.servers import serve_app
 from vmflow.gateway.channel import ChannelServer
-
-from .conftest import serve_app
 
 
 class UnixConnection(http.client.HTTPConnection):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +21,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-import uvicorn
-from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import WorkflowHandle
@@ -35,6 +32,7 @@ from activities.gateway import GatewayActivities
 from activities.spans import SpanActivities
 from activities.tokens import workload_token_issuer
 from tests.gateway.conftest import CGROUP_PARENT, CRIU, IS_ROOT, PROGRAMS
+from tests.servers import serve_app
 from tests.workflows.conftest import new_id, seed_deployment, seed_run
 from vmflow.api.app import create_app
 from vmflow.compute import ComputeClient, ComputeHTTPError
@@ -88,25 +86,6 @@ AUTH_TOKEN = "real-gateway-token"
 CALLBACK_SECRET = "real-gateway-callback-secret"
 # Seconds a test waits for a run to reach a state; a safety net, not a measurement.
 STATE_WAIT_S = 120.0
-
-
-@contextlib.asynccontextmanager
-async def serve_api(app: FastAPI) -> AsyncIterator[str]:
-    """Run the supervisor API, lifespan included, on a free 127.0.0.1 port; yield its URL."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[listener]))
-    async with asyncio.timeout(30):
-        while not server.started:
-            assert not task.done(), "the API stopped during start-up"
-            await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 @dataclass
@@ -220,7 +199,7 @@ async def real_stack(
             task_queue=task_queue,
         )
         async with (
-            serve_api(app) as api_url,
+            serve_app(app, lifespan="on", start_timeout_s=30) as api_url,
             ComputeClient(gateway.url, auth_token=AUTH_TOKEN, timeout_s=120) as compute,
         ):
             stack = RealStack(
