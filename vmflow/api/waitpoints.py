@@ -152,16 +152,3 @@ def complete_token(session: Session, waitpoint_id: str, output: Any) -> Waitpoin
     waitpoint.completed_at = utc_now()
     logger.info("completed token %s of run %s", waitpoint.id, waitpoint.run_id)
     return waitpoint
-
-
-def complete_duration(session: Session, waitpoint_id: str) -> Waitpoint:
-    """Complete a DURATION waitpoint when its timer fires; completing it twice is a no-op."""
-    waitpoint = get_waitpoint(session, waitpoint_id, for_update=True)
-    if waitpoint.kind is not WaitpointKind.DURATION:
-        raise WaitpointStateError(
-            f"waitpoint {waitpoint_id!r} is a {waitpoint.kind.value} waitpoint, not DURATION"
-        )
-    if waitpoint.status is WaitpointStatus.PENDING:
-        waitpoint.status = WaitpointStatus.COMPLETED
-        waitpoint.completed_at = utc_now()
-    return waitpoint
