@@ -37,6 +37,7 @@ from bench.sandbox import MICROVM_LINE, check_sandbox_machine
 from vmflow.cli.client import ApiClient
 from vmflow.cli.common import poll_until
 from vmflow.cli.deploy import deploy_image, wait_for_deployment
+from vmflow.cli.runs import FINAL_STATUSES
 from vmflow.cli.stack import LocalStack, StackPorts
 from vmflow.gateway.drivers.cgroups import CgroupSet
 from vmflow.gateway.images import ImageStore
@@ -49,7 +50,6 @@ IMAGE = "bench-token-wait:bench"
 TASK_ID = "bench-token-wait"
 STEP_TIMEOUT_S = 180.0
 POLL_INTERVAL_S = 0.02
-FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELED", "TIMED_OUT"})
 
 
 @dataclass
