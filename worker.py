@@ -28,7 +28,7 @@ from activities.gateway import GatewayActivities
 from activities.spans import SpanActivities
 from activities.tokens import MissingWorkloadSecretError, workload_token_issuer
 from vmflow.compute import ComputeClient
-from vmflow.config import ConfigError, Settings, get_settings
+from vmflow.config import ConfigError, Settings, configure_logging, get_settings
 from vmflow.storage.db import create_engine_from_url, session_factory
 from vmflow.telemetry import (
     ComputeSpanRecorder,
@@ -189,10 +189,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
 
 
 def main() -> int:
-    logging.basicConfig(
-        level=os.environ.get("VMFLOW_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()
     try:
         settings = get_settings()
         # Checked before connecting, so a missing secret fails at once with its name.

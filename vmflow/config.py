@@ -8,6 +8,7 @@ gateway on 127.0.0.1.
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +24,14 @@ def default_data_dir() -> Path:
     if configured:
         return Path(configured)
     return Path.home() / ".local" / "share" / "vmflow"
+
+
+def configure_logging() -> None:
+    """Configure root logging at the level VMFLOW_LOG_LEVEL names (INFO by default)."""
+    logging.basicConfig(
+        level=os.environ.get("VMFLOW_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 class ConfigError(ValueError):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import Annotated
 
 import typer
@@ -13,7 +11,7 @@ from opentelemetry import trace
 from vmflow.api.app import create_app
 from vmflow.api.limits import DEFAULT_MAX_BODY_BYTES
 from vmflow.api.security import MissingSecretError
-from vmflow.config import ConfigError, load_settings
+from vmflow.config import ConfigError, configure_logging, load_settings
 from vmflow.telemetry import build_tracer_provider
 
 app = typer.Typer(help="Run the supervisor API.", no_args_is_help=True)
@@ -32,10 +30,7 @@ def serve(
     Reads DATABASE_URL, TEMPORAL_ADDRESS, VMFLOW_API_KEY, VMFLOW_WORKLOAD_SECRET
     and VMFLOW_CALLBACK_SECRET from the environment.
     """
-    logging.basicConfig(
-        level=os.environ.get("VMFLOW_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()
     try:
         settings = load_settings()
         if settings.OTEL_EXPORTER_OTLP_ENDPOINT is not None:
