@@ -24,7 +24,7 @@ from temporalio.client import Client
 
 from vmflow import __version__
 from vmflow.api import callbacks, deployments, runs, waitpoint_routes
-from vmflow.api.errors import ApiError
+from vmflow.api.errors import ApiError, describe_validation_errors
 from vmflow.api.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from vmflow.api.orchestration import Orchestrator
 from vmflow.api.security import ApiKey, require_secret
@@ -66,10 +66,6 @@ async def connect_temporal(settings: Settings) -> Client:
     )
 
 
-def _location(loc: tuple[Any, ...] | list[Any]) -> str:
-    return ".".join(str(part) for part in loc) or "body"
-
-
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     items = list(error.errors())
@@ -85,7 +81,7 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
                 "detail": f"request body is not valid JSON: {reason} at character {position}",
             },
         )
-    detail = "; ".join(f"{_location(item['loc'])}: {item['msg']}" for item in items)
+    detail = describe_validation_errors(items)
     return JSONResponse(
         status_code=422,
         content={

@@ -16,7 +16,7 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, Depends, Request, status
 from pydantic import BaseModel, ValidationError
 
-from vmflow.api.errors import InvalidRequestError
+from vmflow.api.errors import InvalidRequestError, describe_validation_errors
 from vmflow.api.orchestration import Orchestrator
 from vmflow.api.schemas import CallbackAccepted, error_responses
 from vmflow.api.security import verified_callback_body
@@ -44,10 +44,7 @@ def _parse(body: bytes, model: type[ModelT]) -> ModelT:
         raise InvalidRequestError(
             "invalid_callback",
             f"callback body is not a valid {model.__name__}: "
-            + "; ".join(
-                f"{'.'.join(str(part) for part in item['loc']) or 'body'}: {item['msg']}"
-                for item in error.errors()
-            ),
+            + describe_validation_errors(error.errors()),
         ) from error
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 
@@ -54,6 +54,13 @@ class InvalidRequestError(ApiError):
     def __init__(self, error: str, detail: str) -> None:
         super().__init__(detail)
         self.error = error
+
+
+def describe_validation_errors(items: Iterable[Mapping[str, Any]]) -> str:
+    """Join pydantic's error items as `field.path: message`, naming the whole body `body`."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item['loc']) or 'body'}: {item['msg']}" for item in items
+    )
 
 
 def retry_once_on_conflict(step: Callable[[], T]) -> T:
