@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request, Response
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.gateway.conftest import serve_app
+from tests.servers import serve_app
 from vmflow.compute.client import ComputeClient
 from vmflow.compute.models import (
     CallbackTarget,
