@@ -45,16 +45,7 @@ def local_stack(
 
 
 def _demo(stack: LocalStack) -> DemoResult:
-    assert stack.secrets is not None
-    targets = DemoTargets(
-        api_url=stack.api_url,
-        api_key=stack.secrets.api_key,
-        temporal_address=stack.temporal_address,
-        temporal_ui_url=stack.temporal_ui_url,
-        gateway_url=stack.gateway_url,
-        gateway_token=stack.secrets.gateway_token,
-    )
-    return run_demo(targets, emit=lambda message: None, timeout_s=180)
+    return run_demo(DemoTargets.of_stack(stack), emit=lambda message: None, timeout_s=180)
 
 
 def test_demo_snapshots_once_and_reports_from_memory(local_stack: LocalStack) -> None:

@@ -71,6 +71,19 @@ class DemoTargets:
     gateway_url: str | None = None
     gateway_token: str | None = None
 
+    @classmethod
+    def of_stack(cls, stack: LocalStack) -> DemoTargets:
+        """Return the targets of a local stack that this process started."""
+        assert stack.secrets is not None
+        return cls(
+            api_url=stack.api_url,
+            api_key=stack.secrets.api_key,
+            temporal_address=stack.temporal_address,
+            temporal_ui_url=stack.temporal_ui_url,
+            gateway_url=stack.gateway_url,
+            gateway_token=stack.secrets.gateway_token,
+        )
+
 
 @dataclass
 class DemoResult:
@@ -280,15 +293,7 @@ def demo(
             with console.status("starting the local stack for the demo"):
                 stack.start()
             console.print(stack_table(stack, title="local stack of the demo"))
-            assert stack.secrets is not None
-            targets = DemoTargets(
-                api_url=stack.api_url,
-                api_key=stack.secrets.api_key,
-                temporal_address=stack.temporal_address,
-                temporal_ui_url=stack.temporal_ui_url,
-                gateway_url=stack.gateway_url,
-                gateway_token=stack.secrets.gateway_token,
-            )
+            targets = DemoTargets.of_stack(stack)
         result = run_demo(targets, timeout_s=timeout)
         print_result(result)
         if stack is not None and keep:
