@@ -21,22 +21,22 @@ class ApiError(Exception):
         self.detail = detail
 
 
-class NotFoundError(ApiError):
+class _NamedApiError(ApiError):
+    """An API error whose machine-readable name each raise passes, such as run_not_found."""
+
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.error = error
+
+
+class NotFoundError(_NamedApiError):
     status_code = 404
     error = "not_found"
 
-    def __init__(self, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.error = error
 
-
-class ConflictError(ApiError):
+class ConflictError(_NamedApiError):
     status_code = 409
     error = "conflict"
-
-    def __init__(self, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.error = error
 
 
 class OrchestrationUnavailableError(ApiError):
@@ -46,14 +46,10 @@ class OrchestrationUnavailableError(ApiError):
     error = "orchestration_unavailable"
 
 
-class InvalidRequestError(ApiError):
+class InvalidRequestError(_NamedApiError):
     """The body parsed but a value in it cannot be used."""
 
     status_code = 422
-
-    def __init__(self, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.error = error
 
 
 def describe_validation_errors(items: Iterable[Mapping[str, Any]]) -> str:
