@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from tests.servers import serve_app_in_thread
 from vmflow.compute import (
     ComputeClient,
     ComputeConnectionError,
@@ -356,28 +354,10 @@ class Gateway:
 def gateway() -> Iterator[Gateway]:
     """A FastAPI gateway served by uvicorn in a thread, on a free port of 127.0.0.1."""
     seen = Seen()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        build_gateway(seen), log_level="warning", lifespan="off", timeout_graceful_shutdown=1
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if server.started:
-            break
-        if not thread.is_alive():
-            pytest.fail("the test gateway did not start")
-        threading.Event().wait(0.01)
-    try:
-        yield Gateway(url=f"http://127.0.0.1:{port}", seen=seen)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_app_in_thread(
+        build_gateway(seen), start_timeout_s=5, timeout_graceful_shutdown=1
+    ) as url:
+        yield Gateway(url=url, seen=seen)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,11 +23,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.servers import serve_app_in_thread
 from vmflow.api.events import RecordingRunEvents
 from vmflow.api.tokens import issue_workload_token
 from vmflow.api.workload import install_workload_api
@@ -132,17 +131,6 @@ class WorkloadServer:
             )
 
 
-def _serve(app: FastAPI) -> tuple[uvicorn.Server, threading.Thread, str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, timeout_s=15, message="uvicorn did not start")
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
 @contextlib.contextmanager
 def running_workload_server(sessions: sessionmaker[Session]) -> Iterator[WorkloadServer]:
     events = RecordingRunEvents()
@@ -155,14 +143,10 @@ def running_workload_server(sessions: sessionmaker[Session]) -> Iterator[Workloa
     async def keep_callback(body: dict[str, Any]) -> None:
         callbacks.append(body)
 
-    server, thread, url = _serve(app)
-    try:
+    with serve_app_in_thread(app) as url:
         yield WorkloadServer(
             url=url, secret=secret, sessions=sessions, events=events, callbacks=callbacks
         )
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 @pytest.fixture
