@@ -226,9 +226,7 @@ class Gateway:
 
     def list_instances(self) -> list[Instance]:
         return [
-            self.get_instance(record.id)
-            for record in self.instances.values()
-            if record.state != InstanceState.DELETED and not record.template_build
+            self.get_instance(record.id) for record in self.instances.values() if record.visible
         ]
 
     def instance_output(self, instance_id: str, tail_bytes: int | None = None) -> bytes:
@@ -271,7 +269,7 @@ class Gateway:
         if self._work:
             await asyncio.wait(list(self._work), timeout=60)
         for record in list(self.instances.values()):
-            if record.state != InstanceState.DELETED and not record.template_build:
+            if record.visible:
                 await self.delete_instance(record.id)
         self.driver.release_shared()
 
@@ -708,7 +706,7 @@ class Gateway:
 
     def _instance(self, instance_id: str) -> InstanceRecord:
         record = self.instances.get(instance_id)
-        if record is None or record.state == InstanceState.DELETED or record.template_build:
+        if record is None or not record.visible:
             raise NotFoundError(f"instance '{instance_id}' not found")
         self._refresh(record)
         return record

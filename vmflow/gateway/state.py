@@ -65,6 +65,11 @@ class InstanceRecord(Record):
     runtime: dict[str, Any] | None = None
     timing: dict[str, Any] | None = None
 
+    @property
+    def visible(self) -> bool:
+        """Whether the instance routes show this record: not deleted, not a template build's."""
+        return self.state != InstanceState.DELETED and not self.template_build
+
 
 class SnapshotRecord(Record):
     """A checkpoint: a snapshot of an instance, or the checkpoint behind a template."""
