@@ -6,7 +6,6 @@ These tests check output and correctness, never a time. Each runs
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from vmflow.gateway.drivers.criu import check_configured_criu
+from tests.machine import CRIU, IS_ROOT
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 SUITE_TIMEOUT_S = 900
-IS_ROOT = os.geteuid() == 0
-CRIU = check_configured_criu()
 
 pytestmark = pytest.mark.slow
 

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from vmflow.gateway.drivers.criu import check_configured_criu
-
-IS_ROOT = os.geteuid() == 0
-CRIU = check_configured_criu()
+from tests.machine import CRIU, IS_ROOT
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shutil
 import time
@@ -25,11 +24,11 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI, Request, Response
 
+from tests.machine import CRIU, IS_ROOT
 from tests.servers import serve_app
 from vmflow.compute.client import ComputeClient
 from vmflow.compute.signing import SIGNATURE_HEADER, verify
 from vmflow.gateway.drivers.cgroups import CGROUP_ROOT, CONTROLLERS
-from vmflow.gateway.drivers.criu import check_configured_criu
 from vmflow.gateway.images import ImageStore
 from vmflow.gateway.server import GatewayServer
 from vmflow.gateway.settings import GatewaySettings
@@ -39,9 +38,6 @@ AUTH_TOKEN = "gateway-test-token"
 CALLBACK_SECRET = "gateway-test-callback-secret"
 # One cgroup parent per test session, removed at its end.
 CGROUP_PARENT = f"vmflow-test-{uuid.uuid4().hex[:8]}"
-
-IS_ROOT = os.geteuid() == 0
-CRIU = check_configured_criu()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -31,7 +31,8 @@ from activities.database import DatabaseActivities
 from activities.gateway import GatewayActivities
 from activities.spans import SpanActivities
 from activities.tokens import workload_token_issuer
-from tests.gateway.conftest import CGROUP_PARENT, CRIU, IS_ROOT, PROGRAMS
+from tests.gateway.conftest import CGROUP_PARENT, PROGRAMS
+from tests.machine import CRIU, IS_ROOT
 from tests.servers import serve_app
 from tests.workflows.conftest import new_id, seed_deployment, seed_run
 from vmflow.api.app import create_app
