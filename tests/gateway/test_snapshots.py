@@ -7,6 +7,7 @@ import re
 import pytest
 
 from vmflow.compute.client import ComputeClient
+from vmflow.compute.errors import ComputeHTTPError
 from vmflow.compute.models import (
     CallbackTarget,
     InstanceCreateRequest,
@@ -273,3 +274,25 @@ async def test_snapshot_of_restored_instance(
             client, instance_id, lambda text, expected=expected: expected in text
         )
         assert_continues(before, after)
+
+
+async def test_template_build_instance_is_hidden(
+    client: ComputeClient, build_image: ImageBuilder
+) -> None:
+    image = build_image("counter.py")
+    template = await client.templates.create(
+        TemplateCreateRequest(image=image, cpu=1, memory_gb=0.5)
+    )
+    assert template is not None
+    assert template.template_id is not None
+    described = (await client.request("GET", f"/api/templates/{template.template_id}")).json()
+    snapshot = await client.snapshots.get(described["snapshot_id"])
+
+    # The template's checkpoint came from a build instance that no instance route may touch.
+    with pytest.raises(ComputeHTTPError) as caught_get:
+        await client.instances.get(snapshot.instance_id)
+    with pytest.raises(ComputeHTTPError) as caught_delete:
+        await client.instances.delete(snapshot.instance_id)
+
+    assert caught_get.value.status == 404
+    assert caught_delete.value.status == 404

@@ -246,7 +246,8 @@ class Gateway:
     async def delete_instance(self, instance_id: str) -> None:
         """Stop an instance and remove its files; deleting a deleted instance does nothing."""
         record = self.instances.get(instance_id)
-        if record is None:
+        # A template build's instance belongs to its template, so the instance routes hide it.
+        if record is None or record.template_build:
             raise NotFoundError(f"instance '{instance_id}' not found")
         if record.state == InstanceState.DELETED:
             return
