@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 import pytest
 import pytest_asyncio
 
+from tests.machine import CRIU, IS_ROOT
 from tests.runner.conftest import EXAMPLES_DIR, WorkloadServer
 from vmflow.api.waitpoints import complete_token
 from vmflow.compute.client import ComputeClient
@@ -31,7 +31,6 @@ from vmflow.compute.models import (
     SnapshotRestoreRequest,
     TemplateCreateRequest,
 )
-from vmflow.gateway.drivers.criu import check_criu, find_criu
 from vmflow.gateway.images import ImageStore
 from vmflow.gateway.server import GatewayServer
 from vmflow.gateway.settings import GatewaySettings
@@ -47,11 +46,10 @@ RUN_TIMEOUT_S = 120
 
 
 def _skip_without_root_and_criu() -> None:
-    if os.geteuid() != 0:
+    if not IS_ROOT:
         pytest.skip("sandboxes need root (namespaces, cgroups, CRIU)")
-    status = check_criu(find_criu(None))
-    if not status.works:
-        pytest.skip(f"CRIU 4 does not work here: {status.detail}")
+    if not CRIU.works:
+        pytest.skip(f"CRIU 4 does not work here: {CRIU.detail}")
 
 
 async def wait_until_async(
