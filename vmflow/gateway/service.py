@@ -152,7 +152,8 @@ class Gateway:
     async def close(self, work_timeout_s: float = 60.0) -> None:
         """Finish snapshots and template builds (bounded), then stop watchers and channels.
 
-        Instances keep running, so the next start of the gateway finds them.
+        Instances keep running, so the next start of the gateway finds them. What the
+        instances share, such as an empty cgroup parent, is removed.
         """
         if self._work:
             logger.info("waiting for %d snapshots and template builds", len(self._work))
@@ -168,6 +169,8 @@ class Gateway:
             await channel.close()
         self._channels.clear()
         await self.callbacks.aclose()
+        # The driver keeps a cgroup parent that still holds instances.
+        self.driver.release_shared()
 
     def health(self) -> Health:
         capabilities = self.driver.capabilities()
