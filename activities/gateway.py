@@ -315,12 +315,17 @@ class GatewayActivities:
 
     @activity.defn(name="restore_snapshot")
     async def restore_snapshot(self, input: RestoreInput) -> RestoreResult:
-        """Restore a snapshot as a new instance with a new runner id and workload token."""
+        """Restore a snapshot as a new instance with a new runner id and workload token.
+
+        The metadata also carries the current API URL, so a restored runner
+        reaches the API even if it moved since the snapshot was taken.
+        """
         request = SnapshotRestoreRequest(
             name=input.runner_id,
             metadata={
                 METADATA_RUN_ID: input.run_id,
                 "VMFLOW_RUNNER_ID": input.runner_id,
+                "VMFLOW_WORKLOAD_URL": self._api_url,
                 "VMFLOW_WORKLOAD_TOKEN": self._issue_token(input.run_id, input.deployment_id),
             },
             cpu=input.cpu,

@@ -122,6 +122,8 @@ class Harness:
     gateway_configured: bool = True
     shadow_rollout_pct: float = 0.0
     max_cached_workflows: int = 1000
+    # The supervisor API URL the activities send to the gateway.
+    api_url: str = API_URL
     _stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     @property
@@ -132,7 +134,7 @@ class Harness:
         return ActivitySet(
             gateway=GatewayActivities(
                 self.gateway if self.gateway_configured else None,  # type: ignore[arg-type]
-                api_url=API_URL,
+                api_url=self.api_url,
                 issue_token=lambda run_id, deployment_id: f"token-{run_id}-{uuid.uuid4().hex[:6]}",
             ),
             database=DatabaseActivities(

@@ -239,6 +239,26 @@ async def test_run_long_wait_snapshots_and_restores(harness: Harness) -> None:
     await assert_replays(handle, "run_snapshot_restore")
 
 
+async def test_run_restore_sends_current_api_url(harness: Harness) -> None:
+    # A restarted worker has no workflow cache (see test_run_worker_restart_during_delay).
+    harness.max_cached_workflows = 0
+    await harness.start_workers()
+    run_id, handle = await suspended_run(harness, "wp-moved")
+    provisioned = harness.gateway.calls_of("instances.create")[0]
+    assert provisioned.body["env"]["VMFLOW_WORKLOAD_URL"] == "http://127.0.0.1:9/vmflow-api"
+
+    # The API moves while the run is suspended; the worker restarts with its new URL.
+    await harness.stop_workers()
+    harness.api_url = "http://127.0.0.1:10/moved-api"
+    await harness.start_workers()
+    await resolve(handle, "wp-moved")
+
+    restore = (await harness.gateway.wait_for("snapshots.restore"))[0]
+    assert restore.body["metadata"]["VMFLOW_WORKLOAD_URL"] == "http://127.0.0.1:10/moved-api"
+    result = await finish(handle, f"{run_id}-r2")
+    assert result.state == RunState.COMPLETED
+
+
 async def test_run_second_suspend_replaces_first(harness: Harness) -> None:
     await harness.start_workers()
     run_id, handle = await start_run(harness)
