@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 from sqlalchemy import func, select
 from temporalio.client import Client
 from temporalio.service import RetryConfig
@@ -144,6 +145,71 @@ async def test_duration_waitpoint_cannot_be_completed(api_server: ApiServer) -> 
         )
     assert response.status_code == 409
     assert "DURATION" in response.json()["detail"]
+
+
+# Raw bodies, because httpx will not encode a lone surrogate or NaN itself.
+_NON_STRICT_PAYLOADS = [
+    pytest.param(b'"\\ud800"', "surrogate", "body.payload", id="lone-surrogate"),
+    pytest.param(b'{"a": ["x", "\\udc00"]}', "surrogate", "value['a'][1]", id="nested-surrogate"),
+    pytest.param(b'{"\\ud800": 1}', "surrogate", "key", id="surrogate-key"),
+    pytest.param(b"NaN", "nan", "must be finite", id="nan"),
+    pytest.param(b"1e999", "inf", "must be finite", id="overflow"),
+    pytest.param(b"[-Infinity]", "-inf", "value[0]", id="negative-infinity"),
+]
+
+
+@pytest.mark.parametrize(("payload", "problem", "location"), _NON_STRICT_PAYLOADS)
+async def test_trigger_rejects_non_strict_json(
+    api_server: ApiServer, payload: bytes, problem: str, location: str
+) -> None:
+    deployment = await deploy(api_server)
+    body = b'{"deployment_id": "' + deployment["id"].encode() + b'", "payload": ' + payload + b"}"
+    async with api_server.http() as http:
+        response = await http.post(
+            "/api/v1/tasks/approval-report/trigger",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        listed = await http.get("/api/v1/runs", params={"limit": 5})
+
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid_request"
+    assert problem in response.json()["detail"]
+    assert location in response.json()["detail"]
+    assert _run_count(api_server, deployment["id"]) == 0
+    assert listed.status_code == 200, listed.text
+
+
+async def test_token_output_rejects_non_strict_json(api_server: ApiServer) -> None:
+    deployment = await deploy(api_server)
+    async with api_server.http() as http:
+        triggered = await http.post(
+            "/api/v1/tasks/approval-report/trigger", json={"deployment_id": deployment["id"]}
+        )
+        with session_scope(api_server.sessions) as session:
+            waitpoint = Waitpoint(
+                run_id=triggered.json()["run_id"], kind=WaitpointKind.TOKEN, idempotency_key="t"
+            )
+            session.add(waitpoint)
+            session.flush()
+            waitpoint_id = waitpoint.id
+        responses = [
+            await http.post(
+                f"/api/v1/waitpoints/tokens/{waitpoint_id}/complete",
+                content=b'{"output": ' + output + b"}",
+                headers={"Content-Type": "application/json"},
+            )
+            for output in (b'{"ok": NaN}', b'"\\ud800"')
+        ]
+
+    for response in responses:
+        assert response.status_code == 422, response.text
+        assert "body.output" in response.json()["detail"]
+    with session_scope(api_server.sessions) as session:
+        stored = session.get(Waitpoint, waitpoint_id)
+        assert stored is not None
+        assert stored.status.value == "PENDING"
+        assert stored.output is None
 
 
 async def test_payload_over_limit_is_413(api_server: ApiServer) -> None:

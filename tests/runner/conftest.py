@@ -24,10 +24,12 @@ from typing import Any, TypeVar
 
 import pytest
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.servers import serve_app_in_thread
+from vmflow.api.app import handle_validation_error
 from vmflow.api.events import RecordingRunEvents
 from vmflow.api.tokens import issue_workload_token
 from vmflow.api.workload import install_workload_api
@@ -137,6 +139,9 @@ def running_workload_server(sessions: sessionmaker[Session]) -> Iterator[Workloa
     secret = f"secret-{uuid.uuid4().hex}"
     callbacks: list[dict[str, Any]] = []
     app = FastAPI()
+    # The supervisor's own 422 handler: FastAPI's default one echoes the rejected
+    # input, and fails on the NaN and lone surrogates the API rejects.
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
     install_workload_api(app, session_factory=sessions, events=events, secret=secret)
 
     @app.post("/test-callbacks", status_code=204)

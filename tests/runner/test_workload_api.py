@@ -31,6 +31,14 @@ class RunClient:
             headers={"Authorization": f"Bearer {self.token}"},
         )
 
+    def post_raw(self, route: str, body: bytes) -> httpx.Response:
+        """Post `body` as it is, for JSON that httpx will not encode (NaN, lone surrogates)."""
+        return self.http.post(
+            f"{PREFIX}/runs/{self.run.id}{route}",
+            content=body,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+
     def get(self, route: str) -> httpx.Response:
         return self.http.get(
             f"{PREFIX}/runs/{self.run.id}{route}",
@@ -276,6 +284,38 @@ def test_workload_logs_are_stored_in_order(workload_server_any_db: WorkloadServe
     assert server.log_messages(run.id) == ["line 0", "line 1", "line 2"]
 
 
+def test_workload_rejects_non_strict_json(workload_server_any_db: WorkloadServer) -> None:
+    server = workload_server_any_db
+    run = server.create_run("echo")
+    client = RunClient(server, run)
+    runner_id = _runner()
+    client.post("/start", {"runner_id": runner_id})
+    runner = b'"runner_id": "' + runner_id.encode() + b'"'
+
+    nan_output = client.post_raw("/complete", b"{" + runner + b', "output": {"x": NaN}}')
+    huge_output = client.post_raw("/complete", b"{" + runner + b', "output": [1e999]}')
+    surrogate_output = client.post_raw("/complete", b"{" + runner + b', "output": "\\ud800"}')
+    surrogate_log = client.post_raw(
+        "/logs",
+        b"{" + runner + b', "lines": [{"message": "a\\udfffb", "ts": "2026-01-01T00:00:00Z"}]}',
+    )
+    surrogate_error = client.post_raw(
+        "/fail", b"{" + runner + b', "error": {"name": "E", "message": "\\ud800"}}'
+    )
+
+    for response in (nan_output, huge_output, surrogate_output, surrogate_log, surrogate_error):
+        assert response.status_code == 422, response.text
+    assert "output" in str(nan_output.json())
+    assert "finite" in str(nan_output.json())
+    assert "surrogate" in str(surrogate_output.json())
+    assert "body.lines.0.message" in str(surrogate_log.json())
+    stored = server.get_run(run.id)
+    assert stored.status is TaskRunStatus.EXECUTING
+    assert stored.output is None
+    assert server.log_messages(run.id) == []
+    assert server.events.for_run(run.id)[-1].name == "runner_started"
+
+
 def test_complete_token_rejects_second_and_non_json(
     workload_server_any_db: WorkloadServer,
 ) -> None:
@@ -295,5 +335,6 @@ def test_complete_token_rejects_second_and_non_json(
     with session_scope(server.sessions) as session, pytest.raises(WaitpointStateError):
         complete_token(session, token["id"], "second")
 
-    assert "not JSON-serializable" in str(not_json.value)
+    assert "not valid JSON" in str(not_json.value)
+    assert "output['when']" in str(not_json.value)
     assert client.get(f"/waitpoints/{token['id']}").json()["output"] == "first"

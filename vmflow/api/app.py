@@ -66,7 +66,7 @@ async def connect_temporal(settings: Settings) -> Client:
     )
 
 
-async def _validation_error(request: Request, error: Exception) -> JSONResponse:
+async def handle_validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     items = list(error.errors())
     malformed = [item for item in items if item.get("type") == "json_invalid"]
@@ -186,7 +186,7 @@ def create_app(
     app.state.session_factory = sessions
 
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vmflow.api.json_values import JsonValue
 from vmflow.storage.models import (
     CheckpointType,
     DeploymentStatus,
@@ -59,7 +60,7 @@ class DeploymentResponse(BaseModel):
 
 
 class TriggerRequest(_Request):
-    payload: Any = Field(default=None, description="JSON value passed to the task.")
+    payload: JsonValue = Field(default=None, description="JSON value passed to the task.")
     project: Slug | None = Field(
         default=None, description="Run on this project's newest DEPLOYED deployment."
     )
@@ -82,7 +83,7 @@ class TriggerResponse(BaseModel):
 
 
 class WaitpointCompleteRequest(_Request):
-    output: Any = Field(default=None, description="JSON value the waiting task resumes with.")
+    output: JsonValue = Field(default=None, description="JSON value the waiting task resumes with.")
 
 
 class WaitpointResponse(BaseModel):

@@ -9,7 +9,6 @@ PENDING after its time, even when no timer has fired yet.
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from vmflow.api.json_values import InvalidJsonValueError, check_json_value
 from vmflow.storage.models import (
     TaskRun,
     Waitpoint,
@@ -45,13 +45,13 @@ class WaitpointOutputError(WaitpointError):
 
 
 def ensure_json_value(value: Any, what: str) -> Any:
-    """Return `value` unchanged if it serializes to JSON, else raise `WaitpointOutputError`."""
+    """Return `value` unchanged if it is strict JSON, else raise `WaitpointOutputError`."""
     try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as error:
+        check_json_value(value, "output")
+    except InvalidJsonValueError as error:
         raise WaitpointOutputError(
-            f"{what} is not JSON-serializable ({error}); pass dicts, lists, strings, "
-            "numbers, booleans or None"
+            f"{what} is not valid JSON ({error}); pass dicts, lists, strings, "
+            "finite numbers, booleans or None"
         ) from error
     return value
 

@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmflow.api.events import FinishDetails, RunEvents, SuspendDetails
+from vmflow.api.json_values import JsonValue
 from vmflow.api.tokens import WorkloadClaims, WorkloadTokenError, verify_workload_token
 from vmflow.api.waitpoints import (
     WaitpointError,
@@ -256,7 +257,7 @@ class ResumeRequest(RunnerRequest):
 
 
 class CompleteRequest(RunnerRequest):
-    output: Any = None
+    output: JsonValue = None
 
 
 class TaskError(_Request):
