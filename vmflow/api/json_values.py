@@ -1,4 +1,4 @@
-"""Strict checks for the arbitrary JSON values and free text the API stores.
+"""Strict checks for the arbitrary JSON values the API stores.
 
 Python's `json` module, which FastAPI uses to parse request bodies, accepts
 `NaN`, `Infinity`, numbers that overflow to infinity such as `1e999`, and
