@@ -35,7 +35,8 @@ class MonthSummary:
     mean_temp_max_c: float
     mean_temp_min_c: float
     precipitation_mm: float
-    rainy_days: int
+    # Days with any precipitation. The table's weather labels often say sun or fog on such days.
+    wet_days: int
     most_common_weather: str
 
 
@@ -80,7 +81,7 @@ def aggregate(year: int) -> Aggregates:
                 mean_temp_max_c=round(statistics.fmean(float(r["temp_max"]) for r in rows), 1),
                 mean_temp_min_c=round(statistics.fmean(float(r["temp_min"]) for r in rows), 1),
                 precipitation_mm=round(sum(float(r["precipitation"]) for r in rows), 1),
-                rainy_days=sum(1 for r in rows if r["weather"] == "rain"),
+                wet_days=sum(1 for r in rows if float(r["precipitation"]) > 0),
                 most_common_weather=Counter(r["weather"] for r in rows).most_common(1)[0][0],
             )
         )
@@ -125,13 +126,13 @@ def write_report(
     lines = [
         f"# Seattle weather {aggregates.year}",
         "",
-        "| month | days | mean max °C | mean min °C | precipitation mm | rainy days | weather |",
+        "| month | days | mean max °C | mean min °C | precipitation mm | wet days | weather |",
         "|---|---|---|---|---|---|---|",
     ]
     for month in aggregates.months:
         lines.append(
             f"| {month.month} | {month.days} | {month.mean_temp_max_c} | "
-            f"{month.mean_temp_min_c} | {month.precipitation_mm} | {month.rainy_days} | "
+            f"{month.mean_temp_min_c} | {month.precipitation_mm} | {month.wet_days} | "
             f"{month.most_common_weather} |"
         )
     total_precipitation = round(sum(month.precipitation_mm for month in aggregates.months), 1)
