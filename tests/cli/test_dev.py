@@ -16,7 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vmflow.cli.local import read_secrets, read_stack_addresses, secrets_path
+from vmflow.cli.local import (
+    StackAddresses,
+    lock_data_dir,
+    read_secrets,
+    read_stack_addresses,
+    secrets_path,
+    write_stack_addresses,
+)
 
 VMFLOW = [sys.executable, "-m", "vmflow.cli.main"]
 PARTS = ("temporal", "gateway", "api", "worker")
@@ -103,6 +110,17 @@ def test_dev_starts_all_parts_and_stops_them(tmp_path: Path) -> None:
         assert unauthenticated.status_code == 401
         assert authenticated.status_code == 200
 
+        # A second stack on the same data directory is rejected and leaves
+        # the first one's stack.json in place.
+        second = subprocess.run(
+            command, capture_output=True, text=True, timeout=60, env=environment
+        )
+        assert second.returncode == 1, second.stdout
+        assert "already runs on the data directory" in second.stderr
+        assert api_url.group(1) in second.stderr
+        assert f"pid {process.pid}" in second.stderr
+        assert read_stack_addresses(data_dir) is not None
+
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
     finally:
@@ -150,6 +168,38 @@ def test_dev_rejects_busy_port(tmp_path: Path) -> None:
     assert completed.returncode == 1
     assert f"port {port} for the API" in completed.stderr
     assert "--api-port" in completed.stderr
+
+
+def test_dev_rejects_locked_data_dir(tmp_path: Path) -> None:
+    addresses = StackAddresses(
+        api_url="http://127.0.0.1:18080",
+        temporal_address="127.0.0.1:17233",
+        temporal_ui_url="http://127.0.0.1:18233",
+        gateway_url="http://127.0.0.1:18020",
+    )
+    lock_file = lock_data_dir(tmp_path)
+    try:
+        write_stack_addresses(tmp_path, addresses)
+        completed = subprocess.run(
+            [*VMFLOW, "dev", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "250"},
+        )
+    finally:
+        lock_file.close()
+    assert completed.returncode == 1
+    assert "already runs on the data directory" in completed.stderr
+    assert "http://127.0.0.1:18080" in completed.stderr
+    assert f"pid {os.getpid()}" in completed.stderr
+    assert "--data-dir" in completed.stderr
+    assert read_stack_addresses(tmp_path) == addresses
+
+
+def test_data_dir_lock_is_released_on_close(tmp_path: Path) -> None:
+    lock_data_dir(tmp_path).close()
+    lock_data_dir(tmp_path).close()
 
 
 def test_api_serve_without_key_exits_2(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from vmflow.cli.common import console, error_console
-from vmflow.cli.local import secrets_path, stack_path
+from vmflow.cli.local import LocalStateError, secrets_path, stack_path
 from vmflow.cli.stack import LocalStack, StackError, StackPorts
 from vmflow.config import default_data_dir
 from vmflow.storage.db import redact_url
@@ -124,7 +124,7 @@ def dev(
         # Flushed so that a pipe (a log collector, a test) receives the table now.
         sys.stdout.flush()
         watch_until_a_part_exits(stack)
-    except StackError as error:
+    except (StackError, LocalStateError) as error:
         error_console.print(f"[red]error:[/] {error}")
         raise typer.Exit(1) from None
     except (KeyboardInterrupt, Terminate):

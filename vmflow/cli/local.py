@@ -7,17 +7,22 @@ key from VMFLOW_API_KEY or, when that is unset, from the same file.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 from vmflow.config import default_data_dir
 
 SECRETS_FILE = "secrets.json"
 # Written by a running `vmflow dev` (or demo) stack: where its parts listen.
 STACK_FILE = "stack.json"
+# Locked (flock) by the process that runs a stack on the data directory, for
+# as long as the stack runs; it contains that process's pid.
+STACK_LOCK_FILE = "stack.lock"
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 DEFAULT_TEMPORAL_ADDRESS = "127.0.0.1:7233"
 DEFAULT_TEMPORAL_UI_URL = "http://127.0.0.1:8233"
@@ -113,6 +118,37 @@ class StackAddresses:
 
 def stack_path(data_dir: Path | None = None) -> Path:
     return (data_dir or default_data_dir()) / STACK_FILE
+
+
+class StackRunningError(LocalStateError):
+    """Another process runs a stack on the same data directory."""
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Take the data directory's stack lock, or raise `StackRunningError` naming its holder.
+
+    The lock lasts until the returned file is closed or the process exits,
+    so a stack that crashed leaves no stale lock behind.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / STACK_LOCK_FILE
+    lock_file = path.open("a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        pid = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        addresses = read_stack_addresses(data_dir)
+        api = f"with its API at {addresses.api_url}" if addresses else "still starting"
+        raise StackRunningError(
+            f"a vmflow stack already runs on the data directory {data_dir} ({api}, "
+            f"pid {pid}); use that stack, stop it, or pass another --data-dir"
+        ) from None
+    lock_file.truncate(0)
+    lock_file.write(f"{os.getpid()}\n")
+    lock_file.flush()
+    return lock_file
 
 
 def write_stack_addresses(data_dir: Path, addresses: StackAddresses) -> None:

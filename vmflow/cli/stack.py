@@ -34,6 +34,7 @@ from vmflow.cli.local import (
     LocalSecrets,
     StackAddresses,
     load_or_create_secrets,
+    lock_data_dir,
     stack_path,
     write_stack_addresses,
 )
@@ -131,6 +132,9 @@ class LocalStack:
         self.extra_environment = dict(environment or {})
         self.components: list[Component] = []
         self.secrets: LocalSecrets | None = None
+        # Held from start() to stop(); see `lock_data_dir`.
+        self.lock_file: IO[str] | None = None
+        self.wrote_stack_file = False
 
     @property
     def api_url(self) -> str:
@@ -171,9 +175,10 @@ class LocalStack:
         """Start every part and wait until each is healthy; stop all of them on any failure."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
-        self.secrets = load_or_create_secrets(self.data_dir)
-        self.ports = _resolve_ports(self.requested_ports)
+        self.lock_file = lock_data_dir(self.data_dir)
         try:
+            self.secrets = load_or_create_secrets(self.data_dir)
+            self.ports = _resolve_ports(self.requested_ports)
             self._start_temporal()
             self._migrate()
             self._start_gateway()
@@ -191,6 +196,7 @@ class LocalStack:
                 gateway_url=self.gateway_url,
             ),
         )
+        self.wrote_stack_file = True
 
     def _spawn(self, name: str, address: str, command: list[str]) -> Component:
         log_path = self.data_dir / "logs" / f"{name}.log"
@@ -311,8 +317,9 @@ class LocalStack:
 
     def stop(self) -> None:
         """Stop the children in reverse start order: SIGTERM, then SIGKILL after a bounded wait."""
-        if self.components:
+        if self.wrote_stack_file:
             stack_path(self.data_dir).unlink(missing_ok=True)
+            self.wrote_stack_file = False
         for component in reversed(self.components):
             process = component.process
             if process.poll() is None:
@@ -333,6 +340,9 @@ class LocalStack:
             component.log_file.close()
             logger.info("stopped %s (pid %d)", component.name, process.pid)
         self.components.clear()
+        if self.lock_file is not None:
+            self.lock_file.close()
+            self.lock_file = None
 
 
 def _http_ok(url: str, token: str | None = None) -> bool:
