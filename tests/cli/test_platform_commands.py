@@ -7,14 +7,17 @@ server that serves from this test's event loop.
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 from pathlib import Path
 
 from click.testing import Result
+from rich.console import Console
 from typer.testing import CliRunner
 
 from tests.api.conftest import ApiServer, deploy, unique
 from vmflow.cli.main import app
+from vmflow.cli.runs import runs_table
 from vmflow.gateway.images import ImageStore
 from vmflow.storage.db import session_scope
 from vmflow.storage.models import (
@@ -23,6 +26,7 @@ from vmflow.storage.models import (
     TaskRunStatus,
     Waitpoint,
     WaitpointKind,
+    new_id,
     utc_now,
 )
 from workflows import contract
@@ -197,6 +201,47 @@ async def test_runs_get_list_logs_cancel(api_server: ApiServer) -> None:
     assert "cancellation requested" in canceled.output
     assert canceled_again_missing.exit_code == 1
     assert "404" in canceled_again_missing.output
+
+
+async def test_runs_list_piped_is_tab_separated(api_server: ApiServer) -> None:
+    deployment = await deploy(api_server)
+    triggered = await invoke(
+        api_server, "trigger", "approval-report", "--deployment", deployment["id"]
+    )
+    run_id = _run_id(triggered.output)
+
+    listed = await invoke(
+        api_server, "runs", "list", "--deployment", deployment["id"], COLUMNS="80"
+    )
+
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert len(lines) == 1, listed.output
+    fields = lines[0].split("\t")
+    assert fields[:3] == [run_id, "approval-report", "PENDING"]
+    assert fields[4] == "-"
+
+
+def test_runs_table_keeps_ids_whole_at_80_columns() -> None:
+    runs = [
+        {
+            "id": new_id("run"),
+            "task_id": "approval-report-with-a-long-name",
+            "status": "COMPLETED",
+            "created_at": "2026-12-04T21:26:16.123456+00:00",
+            "finished_at": "2026-12-04T21:27:16.123456+00:00",
+        }
+        for _ in range(3)
+    ]
+    terminal = Console(width=80, file=io.StringIO(), force_terminal=True, color_system=None)
+
+    terminal.print(runs_table(runs))
+
+    rendered = terminal.file.getvalue()
+    assert all(len(line) <= 80 for line in rendered.splitlines()), rendered
+    for run in runs:
+        assert run["id"] in rendered, rendered
+    assert "…" not in rendered, rendered
 
 
 async def test_waitpoint_complete_and_duplicate(api_server: ApiServer) -> None:

@@ -154,7 +154,10 @@ def list_runs(
     deployment: Annotated[str | None, typer.Option(help="Only runs of this deployment.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=500, help="Runs to show.")] = 20,
 ) -> None:
-    """List runs, newest first."""
+    """List runs, newest first: a table on a terminal, else one tab-separated line per run.
+
+    Each line has the run id, task, status, creation and finish time.
+    """
     with exit_on_api_error(), ApiClient.from_environment() as client:
         page = client.list_runs(
             status=status.value if status else None,
@@ -162,12 +165,29 @@ def list_runs(
             deployment_id=deployment,
             limit=limit,
         )
-    table = Table("run", "task", "status", "created", "finished")
+    if console.is_terminal:
+        console.print(runs_table(page["runs"]))
+        return
     for run in page["runs"]:
+        fields = (run["id"], run["task_id"], run["status"], run["created_at"], run["finished_at"])
+        typer.echo("\t".join(field or "-" for field in fields))
+
+
+def runs_table(runs: list[dict[str, Any]]) -> Table:
+    """Return a table of runs whose ids stay on one line, so they can be copied.
+
+    The other columns fold onto further lines when the terminal is narrow.
+    """
+    table = Table()
+    id_width = max((len(run["id"]) for run in runs), default=0)
+    table.add_column("run", no_wrap=True, min_width=id_width)
+    for header in ("task", "status", "created", "finished"):
+        table.add_column(header, overflow="fold")
+    for run in runs:
         table.add_row(
             run["id"], run["task_id"], run["status"], run["created_at"], run["finished_at"] or "-"
         )
-    console.print(table)
+    return table
 
 
 @runs_app.command("logs")
