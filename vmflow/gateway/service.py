@@ -48,6 +48,7 @@ from vmflow.gateway.errors import (
     SandboxError,
     SnapshotsUnavailableError,
 )
+from vmflow.gateway.hostfiles import NotRegularFileError, read_regular
 from vmflow.gateway.images import Image, ImageStore
 from vmflow.gateway.settings import GatewaySettings
 from vmflow.gateway.state import (
@@ -239,11 +240,11 @@ class Gateway:
     def _read_output(self, record: InstanceRecord, tail_bytes: int | None) -> bytes:
         path = self.driver.output_path(self._instance_dir(record.id))
         try:
-            with path.open("rb") as handle:
-                if tail_bytes is not None:
-                    handle.seek(max(0, path.stat().st_size - tail_bytes))
-                return handle.read()
+            return read_regular(path, tail_bytes)
         except FileNotFoundError:
+            return b""
+        except NotRegularFileError as error:
+            logger.warning("not reading the output of instance %s: %s", record.id, error)
             return b""
 
     async def delete_instance(self, instance_id: str) -> None:

@@ -65,6 +65,22 @@ def write() -> dict:
     return outcomes
 
 
-result = {"memory": memory, "fork": fork, "network": network, "write": write}[os.environ["PROBE"]]()
+def replace_io() -> dict:
+    """Try to swap the gateway's files in /run/vmflow for symlinks to PROBE_TARGET."""
+    outcomes = {}
+    for name in ["output.log", "exit_status", "planted"]:
+        path = f"/run/vmflow/{name}"
+        try:
+            if os.path.lexists(path):
+                os.unlink(path)
+            os.symlink(os.environ["PROBE_TARGET"], path)
+            outcomes[name] = "replaced"
+        except OSError as failure:
+            outcomes[name] = f"{type(failure).__name__}: errno {failure.errno}"
+    return outcomes
+
+
+probes = {"memory": memory, "fork": fork, "network": network, "write": write, "io": replace_io}
+result = probes[os.environ["PROBE"]]()
 print("RESULT " + json.dumps(result), flush=True)
 time.sleep(600)

@@ -5,8 +5,10 @@
 The sandbox's root is an empty directory, bind-mounted onto itself and made the root with
 `pivot_root`, then remounted read-only. Read-only binds bring in the host's /usr, the Python
 that runs the gateway, a generated /etc and the image at /app. A few /dev nodes and /proc
-complete it, with a private writable /scratch and /run/vmflow, which contains the channel
-socket and the output log.
+complete it, with a private writable /scratch. /run/vmflow, the instance's io directory,
+is read-only and contains the channel socket. Its two files, output.log and exit_status,
+are bound writable onto themselves. So the process can write them but cannot replace them
+with a symlink that the gateway would follow on the host.
 The process keeps uid 0 but has no capabilities (an empty bounding set and no_new_privs),
 so it cannot remount any of it or write to the host files mounted into it.
 Limits are cgroup v1 memory, pids and cpu directories; there is no network interface
@@ -28,6 +30,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -39,17 +42,23 @@ from vmflow.gateway.drivers.base import CheckpointResult, LaunchSpec, Runtime
 from vmflow.gateway.drivers.cgroups import CgroupSet
 from vmflow.gateway.drivers.criu import check_criu, find_criu, log_tail, run_criu
 from vmflow.gateway.errors import CriuError, SandboxError, SnapshotsUnavailableError
+from vmflow.gateway.hostfiles import copy_regular, read_regular
 from vmflow.gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 
 # NOTE: the sandboxed process keeps uid 0 because CRIU must read its rlimits with prlimit(),
-# which for another uid needs CAP_SYS_RESOURCE, and some hosts run root without it.
+# which for another uid needs CAP_SYS_RESOURCE, and some hosts run root without it. It has
+# no capabilities, and the mounts, not file ownership, keep it from writing host files.
 SANDBOX_UID = 0
 CHANNEL_PATH = "/run/vmflow/channel.sock"
 OUTPUT_PATH = "/run/vmflow/output.log"
 EXIT_STATUS_PATH = "/run/vmflow/exit_status"
+IO_FILES = ("output.log", "exit_status")
 DEV_NODES = ("null", "zero", "full", "random", "urandom")
+# The version of the mount layout that `checkpoint` writes to sandbox.json. Version 1
+# snapshots bind /run/vmflow writable, so a restore of one would bring that back.
+LAYOUT_VERSION = 2
 START_TIMEOUT_S = 30.0
 CRIU_TIMEOUT_S = 300.0
 # Variables every sandboxed process gets; the request's env is applied over them.
@@ -203,16 +212,34 @@ class SandboxDriver:
             shutil.copyfile("/etc/ld.so.cache", etc / "ld.so.cache")
 
     def _binds(self, spec: LaunchSpec) -> list[Bind]:
+        io = spec.instance_dir / "io"
         return [
             *self._host_binds,
             Bind(self._etc_dir, "/etc"),
             Bind(spec.image.app_dir, "/app"),
             Bind(spec.instance_dir / "scratch", "/scratch", read_only=False),
-            Bind(spec.instance_dir / "io", "/run/vmflow", read_only=False),
+            # The directory comes before the files bound onto its entries.
+            Bind(io, "/run/vmflow"),
+            *(
+                Bind(io / name, f"/run/vmflow/{name}", read_only=False, is_file=True)
+                for name in IO_FILES
+            ),
         ]
 
     def _prepare_dirs(self, spec: LaunchSpec, binds: list[Bind]) -> Path:
         """Create the empty root with a mount point for every bind, plus scratch and io."""
+        for name in ("scratch", "io"):
+            path = spec.instance_dir / name
+            path.mkdir(exist_ok=True)
+            os.chown(path, SANDBOX_UID, SANDBOX_UID)
+        for name in IO_FILES:
+            # The files must exist as bind sources; O_NOFOLLOW rejects a planted symlink.
+            fd = os.open(
+                spec.instance_dir / "io" / name,
+                os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+            )
+            os.close(fd)
         root = spec.instance_dir / "root"
         root.mkdir(parents=True, exist_ok=True)
         for name in ("proc", ".oldroot"):
@@ -227,10 +254,6 @@ class SandboxDriver:
                 mount_point.touch(exist_ok=True)
             else:
                 mount_point.mkdir(parents=True, exist_ok=True)
-        for name in ("scratch", "io"):
-            path = spec.instance_dir / name
-            path.mkdir(exist_ok=True)
-            os.chown(path, SANDBOX_UID, SANDBOX_UID)
         return root
 
     def _command(self, spec: LaunchSpec) -> list[str]:
@@ -310,6 +333,11 @@ class SandboxDriver:
     async def restore(self, spec: LaunchSpec, snapshot_dir: Path) -> Runtime:
         criu = self.require_snapshots()
         meta = json.loads((snapshot_dir / "sandbox.json").read_text())
+        if meta.get("layout", 1) < LAYOUT_VERSION:
+            raise SandboxError(
+                f"snapshot {snapshot_dir.name} was taken by an older gateway that let the "
+                "sandbox replace files in /run/vmflow, so it is not restored; take a new one"
+            )
         binds = self._binds(spec)
         by_target = {bind.target: bind for bind in binds}
         missing = [target for target in meta["mounts"].values() if target not in by_target]
@@ -388,11 +416,14 @@ class SandboxDriver:
         await _copy_tree(spec.instance_dir / "scratch", files / "scratch")
         io_copy = files / "io"
         io_copy.mkdir(exist_ok=True)
-        output = self.output_path(spec.instance_dir)
-        if output.exists():
-            shutil.copy2(output, io_copy / output.name)
-            os.chown(io_copy / output.name, SANDBOX_UID, SANDBOX_UID)
-        meta = {"mounts": {bind.key: bind.target for bind in binds}, "pid": runtime.pid}
+        for name in IO_FILES:
+            copy_regular(spec.instance_dir / "io" / name, io_copy / name)
+            os.chown(io_copy / name, SANDBOX_UID, SANDBOX_UID)
+        meta = {
+            "layout": LAYOUT_VERSION,
+            "mounts": {bind.key: bind.target for bind in binds},
+            "pid": runtime.pid,
+        }
         (snapshot_dir / "sandbox.json").write_text(json.dumps(meta, indent=2))
         copied = time.perf_counter()
 
@@ -440,7 +471,7 @@ class SandboxDriver:
         """Return the exit status PID 1 recorded (128 + signal for a killed runtime)."""
         path = Path(runtime.details.get("instance_dir", "/nonexistent")) / "io" / "exit_status"
         try:
-            return int(path.read_text().strip())
+            return int(read_regular(path, tail_bytes=64).strip())
         except (OSError, ValueError):
             return None
 
@@ -488,8 +519,7 @@ class SandboxDriver:
         return process
 
     async def _wait_for_child(self, launcher: asyncio.subprocess.Process, spec: LaunchSpec) -> int:
-        """Return PID 1 of the new namespaces once its output log exists (setup finished)."""
-        output = self.output_path(spec.instance_dir)
+        """Return PID 1 of the new namespaces once its stdout is the output log (setup done)."""
         deadline = time.monotonic() + START_TIMEOUT_S
         children_file = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
         while time.monotonic() < deadline:
@@ -498,9 +528,11 @@ class SandboxDriver:
                     f"sandbox {spec.instance_id} exited during setup with code "
                     f"{launcher.returncode}: {_read_tail(spec.instance_dir / 'launch.log')}"
                 )
-            if output.exists():
-                with contextlib.suppress(OSError, ValueError):
-                    return int(children_file.read_text().split()[0])
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                child = int(children_file.read_text().split()[0])
+                # readlink returns the path inside the child's mount namespace.
+                if os.readlink(f"/proc/{child}/fd/1") == OUTPUT_PATH:
+                    return child
             await asyncio.sleep(0.005)
         raise SandboxError(
             f"sandbox {spec.instance_id} did not finish setup in {START_TIMEOUT_S} s"
@@ -584,7 +616,7 @@ def _start_time(pid: int) -> int | None:
 
 def _read_tail(path: Path, limit: int = 600) -> str:
     try:
-        return path.read_text(errors="replace")[-limit:].strip() or "no output"
+        return read_regular(path, tail_bytes=limit).decode(errors="replace").strip() or "no output"
     except OSError:
         return "no output"
 
@@ -594,7 +626,7 @@ async def _copy_tree(source: Path, destination: Path) -> None:
     destination.mkdir(parents=True, exist_ok=True)
     if not source.is_dir():
         return
-    entries = [str(entry) for entry in source.iterdir() if not entry.is_socket()]
+    entries = [str(entry) for entry in source.iterdir() if not stat.S_ISSOCK(entry.lstat().st_mode)]
     if not entries:
         return
     process = await asyncio.create_subprocess_exec(
