@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from vmflow.cli.local import (
     secrets_path,
 )
 from vmflow.cli.runs import FINAL_STATUSES, run_watcher
-from vmflow.cli.stack import LocalStack, StackError, StackPorts, free_port
+from vmflow.cli.stack import LocalStack, StackError, StackPorts, free_port, probe_port
 from vmflow.cli.timeline import RunTimeline, read_run_timeline
 from vmflow.compute.models import Health
 from vmflow.config import default_data_dir
@@ -242,11 +241,10 @@ def _running_stack(api_url: str) -> DemoTargets | None:
 
 def _port_or_free(port: int) -> int:
     """Return `port` when it is free on 127.0.0.1, else a free one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return free_port()
+    try:
+        probe_port(port)
+    except OSError:
+        return free_port()
     return port
 
 

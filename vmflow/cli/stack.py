@@ -89,15 +89,26 @@ def free_port() -> int:
     return port
 
 
-def _check_port_free(port: int, what: str, option: str) -> None:
+def probe_port(port: int) -> None:
+    """Bind `port` on 127.0.0.1 the way a server does; raise OSError when that would fail.
+
+    The stack's servers set SO_REUSEADDR, so they can bind a port whose
+    earlier connections are still in TIME-WAIT, and the probe sets it too.
+    On Linux the bind still fails while a socket listens on the port.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as error:
-            raise StackError(
-                f"port {port} for {what} on 127.0.0.1 is not free ({error.strerror}); "
-                f"stop what uses it or pass another {option}"
-            ) from None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+
+
+def _check_port_free(port: int, what: str, option: str) -> None:
+    try:
+        probe_port(port)
+    except OSError as error:
+        raise StackError(
+            f"port {port} for {what} on 127.0.0.1 is not free ({error.strerror}); "
+            f"stop what uses it or pass another {option}"
+        ) from None
 
 
 def _resolve_ports(ports: StackPorts) -> StackPorts:
