@@ -32,6 +32,13 @@ from vmflow.storage.models import (
 from workflows import contract
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# Square brackets check that the CLI prints the traceback as text, not as rich markup.
+TRACEBACK = (
+    "Traceback (most recent call last):\n"
+    '  File "/app/tasks.py", line 12, in approval_report\n'
+    "    months = [load(month) for month in range(12)]\n"
+    "ValueError: bad year"
+)
 
 
 async def invoke(api: ApiServer, *args: str, **env: str) -> Result:
@@ -168,11 +175,17 @@ async def test_trigger_failed_run_exits_1(api_server: ApiServer) -> None:
         run = session.get(TaskRun, run_id)
         assert run is not None
         run.status = TaskRunStatus.FAILED
-        run.error = {"name": "ValueError", "message": "bad year"}
+        run.error = {"name": "ValueError", "message": "bad year", "traceback": TRACEBACK}
 
     result = await asyncio.wait_for(command, timeout=60)
+    got = await invoke(api_server, "runs", "get", run_id)
+
     assert result.exit_code == 1
     assert "ValueError: bad year" in result.output
+    assert TRACEBACK in result.output
+    assert got.exit_code == 0, got.output
+    assert "ValueError: bad year" in got.output
+    assert TRACEBACK in got.output
 
 
 async def test_runs_get_list_logs_cancel(api_server: ApiServer) -> None:

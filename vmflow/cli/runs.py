@@ -8,7 +8,10 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from vmflow.cli.client import ApiClient
 from vmflow.cli.common import (
@@ -78,12 +81,21 @@ def print_run(run: dict[str, Any]) -> None:
     if run.get("output") is not None:
         table.add_row("output", json.dumps(run["output"], indent=2))
     if run.get("error"):
-        table.add_row("error", f"{run['error'].get('name')}: {run['error'].get('message')}")
+        table.add_row("error", Text(f"{run['error'].get('name')}: {run['error'].get('message')}"))
     for waitpoint in run.get("waitpoints", []):
         table.add_row("waitpoint", f"{waitpoint['id']} {waitpoint['kind']} {waitpoint['status']}")
     for checkpoint in run.get("checkpoints", []):
         table.add_row("checkpoint", f"{checkpoint['type']} {checkpoint['location']}")
     console.print(table)
+    if run.get("error"):
+        print_traceback(console, run["error"])
+
+
+def print_traceback(target: Console, error: dict[str, Any]) -> None:
+    """Print the task's traceback dimmed, when the run's error has one."""
+    traceback = error.get("traceback")
+    if traceback:
+        target.print(Text(str(traceback).rstrip(), style="dim"))
 
 
 def trigger(
@@ -134,9 +146,10 @@ def trigger(
     if run["status"] != TaskRunStatus.COMPLETED.value:
         if run.get("error"):
             error_console.print(
-                f"[red]{run['status']}:[/] {run['error'].get('name')}: "
-                f"{run['error'].get('message')}"
+                f"[red]{run['status']}:[/] {escape(str(run['error'].get('name')))}: "
+                f"{escape(str(run['error'].get('message')))}"
             )
+            print_traceback(error_console, run["error"])
         raise typer.Exit(1)
 
 
