@@ -23,6 +23,7 @@ from vmflow.compute import ComputeClient, ComputeError, ComputeHTTPError, strip_
 from vmflow.compute.models import (
     CallbackTarget,
     InstanceCreateRequest,
+    InstanceState,
     SnapshotRequest,
     SnapshotRestoreRequest,
     TemplateCreateRequest,
@@ -83,6 +84,8 @@ class InstanceStateInput:
     instance_id: str
     # The snapshot the gateway named when it accepted the request, if any.
     snapshot_id: str | None = None
+    # When set and the instance has exited, also read this many bytes of its output's end.
+    log_tail_bytes: int | None = None
 
 
 @dataclass
@@ -92,6 +95,10 @@ class InstanceStateResult:
     # Latest snapshot of the instance, when the gateway reports one.
     snapshot_id: str | None = None
     snapshot_state: str | None = None
+    # The process's exit code, when the gateway reports one.
+    exit_code: int | None = None
+    # The end of the instance's output, read only for an exited instance on request.
+    log_tail: str | None = None
 
 
 @dataclass
@@ -286,7 +293,11 @@ class GatewayActivities:
 
     @activity.defn(name="get_instance_state")
     async def get_instance_state(self, input: InstanceStateInput) -> InstanceStateResult:
-        """Read an instance's state and latest snapshot, to reconcile a lost snapshot callback."""
+        """Read an instance's state, exit code and latest snapshot.
+
+        The workflow calls it to reconcile a lost snapshot callback and to check
+        that a running task's instance is still alive.
+        """
         try:
             instance = await self.gateway.instances.get(input.instance_id)
         except ComputeError as error:
@@ -307,11 +318,26 @@ class GatewayActivities:
                 if not _is_not_found(error):
                     raise to_application_error(error) from error
                 snapshot_id = None
+        log_tail = None
+        if input.log_tail_bytes and instance.state == InstanceState.EXITED:
+            log_tail = await self._read_log_tail(input.instance_id, input.log_tail_bytes)
         return InstanceStateResult(
             state=instance.state.value,
             snapshot_id=str(snapshot_id) if snapshot_id else None,
             snapshot_state=snapshot_state,
+            exit_code=instance.exit_code,
+            log_tail=log_tail,
         )
+
+    async def _read_log_tail(self, instance_id: str, tail_bytes: int) -> str | None:
+        """Return the last `tail_bytes` of an instance's output, or None when it cannot be read."""
+        path = f"/api/instances/{instance_id}/logs?tail_bytes={tail_bytes}"
+        try:
+            response = await self.gateway.request("GET", path)
+        except ComputeError as error:
+            logger.warning("reading the output of instance %s failed: %s", instance_id, error)
+            return None
+        return response.text
 
     @activity.defn(name="restore_snapshot")
     async def restore_snapshot(self, input: RestoreInput) -> RestoreResult:

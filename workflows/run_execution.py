@@ -81,9 +81,19 @@ with workflow.unsafe.imports_passed_through():
 MAX_SNAPSHOT_CHECKS = 5
 # Completed waitpoint ids kept across continue-as-new, newest last.
 MAX_CARRIED_WAITPOINTS = 100
+# How often the workflow checks through the gateway that a running task's instance is
+# alive, so a run whose process died fails instead of waiting forever.
+INSTANCE_CHECK_INTERVAL = timedelta(seconds=30)
+# Bytes of an exited instance's output that the run's error keeps.
+INSTANCE_LOG_TAIL_BYTES = 2_048
+
+# Patch ids (`workflow.patched`): histories recorded before a change replay without it.
+PATCH_INSTANCE_CHECK = "check-instance-while-waiting-for-runner"
 
 # Instance states in which the instance still runs the task's process.
 _LIVE_INSTANCE_STATES = frozenset({"starting", "running"})
+# Instance states in which the task's process may still send runner messages.
+_ALIVE_INSTANCE_STATES = _LIVE_INSTANCE_STATES | {"snapshotting"}
 
 
 class RunStoppedError(Exception):
@@ -97,10 +107,12 @@ class RunStoppedError(Exception):
 class RunFailedError(Exception):
     """A step the run cannot continue without failed; the run ends FAILED with this error."""
 
-    def __init__(self, name: str, message: str) -> None:
+    def __init__(self, name: str, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.name = name
         self.message = message
+        # Extra fields of the run's error, next to `name` and `message`.
+        self.details = details or {}
 
 
 def _db_status(state: RunState) -> str:
@@ -311,6 +323,82 @@ class RunExecutionWorkflow:
         if self._stop_state is not None:
             raise RunStoppedError(self._stop_state)
 
+    async def _wait_for_runner(
+        self,
+        condition: Callable[[], bool],
+        *,
+        timeout: timedelta | None = None,  # noqa: ASYNC109
+        summary: str | None = None,
+    ) -> None:
+        """Wait like `_wait` while the run's instance executes, checking that it is alive.
+
+        Every INSTANCE_CHECK_INTERVAL the gateway reports the instance's state.
+        Raises `RunFailedError` ("InstanceExited") when the instance exited or is gone.
+        """
+        if self._instance_id is None or not workflow.patched(PATCH_INSTANCE_CHECK):
+            await self._wait(condition, timeout=timeout, summary=summary)
+            return
+        deadline = None if timeout is None else workflow.now() + timeout
+        while True:
+            interval = INSTANCE_CHECK_INTERVAL
+            last = False
+            if deadline is not None and deadline - workflow.now() <= interval:
+                interval = max(deadline - workflow.now(), timedelta(0))
+                last = True
+            try:
+                await self._wait(
+                    condition,
+                    timeout=interval,
+                    summary=summary if last else f"next check of instance {self._instance_id}",
+                )
+                return
+            except TimeoutError:
+                if last:
+                    raise
+            await self._check_instance()
+            if condition():
+                return
+
+    async def _check_instance(self) -> None:
+        """Raise `RunFailedError` when the gateway reports the instance exited or gone."""
+        assert self._instance_id is not None
+        instance_id = self._instance_id
+        try:
+            state = await workflow.execute_activity_method(
+                GatewayActivities.get_instance_state,
+                InstanceStateInput(instance_id=instance_id, log_tail_bytes=INSTANCE_LOG_TAIL_BYTES),
+                start_to_close_timeout=GATEWAY_CALL_TIMEOUT,
+                retry_policy=GATEWAY_RETRY,
+                summary=f"check instance {instance_id}",
+            )
+        except ActivityError as error:
+            # A failed check tells nothing about the instance, so the next interval checks again.
+            workflow.logger.warning(
+                "run %s: checking instance %s failed: %s", self._run_id, instance_id, _cause(error)
+            )
+            return
+        if state.state in _ALIVE_INSTANCE_STATES or self._finished is not None:
+            return
+        described = state.state or "gone"
+        if state.exit_code is not None:
+            described += f" with exit code {state.exit_code}"
+        workflow.logger.error(
+            "run %s: instance %s of runner %s is %s",
+            self._run_id,
+            instance_id,
+            self._runner_id,
+            described,
+        )
+        details: dict[str, Any] = {"instance_id": instance_id, "exit_code": state.exit_code}
+        if state.log_tail:
+            details["log_tail"] = state.log_tail
+        raise RunFailedError(
+            "InstanceExited",
+            f"instance {instance_id} of runner {self._runner_id} is {described} "
+            "while the task was running",
+            details,
+        )
+
     async def _drive(self) -> RunExecutionResult:
         try:
             if self._input.carried is None:
@@ -319,7 +407,7 @@ class RunExecutionWorkflow:
                 await self._wait_suspended_and_restore(self._pending)
 
             while self._finished is None:
-                await self._wait(
+                await self._wait_for_runner(
                     lambda: (
                         self._finished is not None
                         or self._pending is not None
@@ -335,7 +423,8 @@ class RunExecutionWorkflow:
         except RunFailedError as error:
             workflow.logger.error("run %s failed: %s: %s", self._run_id, error.name, error)
             return await self._end(
-                RunState.FAILED, error={"name": error.name, "message": error.message}
+                RunState.FAILED,
+                error={"name": error.name, "message": error.message, **error.details},
             )
         except RunStoppedError as stopped:
             workflow.logger.info("run %s stopped: %s", self._run_id, stopped.state)
@@ -426,8 +515,10 @@ class RunExecutionWorkflow:
         if duration_first:
             timeout = due
         summary = f"{'wait for' if duration_first else timer} {suspend.waitpoint_id}"
+        # NOTE: this wait never continues as new, so a long wait in place adds one
+        # instance check (a timer and an activity) to the history per INSTANCE_CHECK_INTERVAL.
         try:
-            await self._wait(
+            await self._wait_for_runner(
                 lambda: (
                     self._finished is not None
                     or self._suspend_seq != seq

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from temporalio.client import Client
 
 from vmflow.compute import ComputeHTTPError
@@ -72,6 +73,9 @@ class RecordingGateway:
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
         self.instance_states: dict[str, InstanceState] = {}
+        self.instance_exit_codes: dict[str, int] = {}
+        # Output of each instance, as `GET /api/instances/{id}/logs` returns it.
+        self.instance_logs: dict[str, str] = {}
         self.instance_snapshots: dict[str, str] = {}
         self.snapshot_states: dict[str, SnapshotState] = {}
 
@@ -97,6 +101,30 @@ class RecordingGateway:
         self.instances = _Instances(self)
         self.snapshots = _Snapshots(self)
         self.templates = _Templates(self)
+
+    def exit_instance(self, instance_id: str, exit_code: int, output: str = "") -> None:
+        """Make an instance exited, as when its process dies."""
+        self.instance_states[instance_id] = InstanceState.EXITED
+        self.instance_exit_codes[instance_id] = exit_code
+        self.instance_logs[instance_id] = output
+
+    async def request(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        """Serve `ComputeClient.request` for `GET /api/instances/{id}/logs` only."""
+        route = httpx.URL(path)
+        parts = route.path.strip("/").split("/")
+        if method != "GET" or len(parts) != 4 or parts[:2] != ["api", "instances"]:
+            raise AssertionError(f"the gateway double does not serve {method} {path}")
+        if parts[3] != "logs":
+            raise AssertionError(f"the gateway double does not serve {method} {path}")
+        instance_id = parts[2]
+        await self.record("instances.logs", instance_id)
+        if instance_id not in self.instance_states:
+            raise _not_found("instance", instance_id)
+        output = self.instance_logs.get(instance_id, "")
+        tail_bytes = route.params.get("tail_bytes")
+        if tail_bytes is not None:
+            output = output.encode()[-int(tail_bytes) :].decode(errors="replace")
+        return httpx.Response(200, text=output)
 
     def calls_of(self, operation: str) -> list[Call]:
         return [call for call in self.calls if call.operation == operation]
@@ -187,7 +215,15 @@ class _Instances:
         named = self._gateway.snapshot_id_in == "instance"
         if named and instance_id in self._gateway.instance_snapshots:
             extra["snapshot_id"] = self._gateway.instance_snapshots[instance_id]
-        return Instance(id=instance_id, name=instance_id, image="img", state=state, **extra)
+        exit_code = self._gateway.instance_exit_codes.get(instance_id)
+        return Instance(
+            id=instance_id,
+            name=instance_id,
+            image="img",
+            state=state,
+            exit_code=exit_code,
+            **extra,
+        )
 
     async def delete(self, instance_id: str) -> None:
         await self._gateway.record("instances.delete", instance_id)

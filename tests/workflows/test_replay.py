@@ -27,7 +27,13 @@ def load_history(name: str) -> WorkflowHistory:
 
 
 def test_replay_histories_are_committed() -> None:
-    expected = {"run_snapshot_restore", "run_in_place", "deploy_required", "template_build"}
+    expected = {
+        "run_snapshot_restore",
+        "run_in_place",
+        "deploy_required",
+        "template_build",
+        "run_instance_exited",
+    }
     assert expected <= set(HISTORIES)
 
 

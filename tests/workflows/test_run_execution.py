@@ -57,7 +57,7 @@ from workflows.contract import (
     run_workflow_id,
     runner_id_for,
 )
-from workflows.run_execution import RunExecutionWorkflow
+from workflows.run_execution import INSTANCE_CHECK_INTERVAL, RunExecutionWorkflow
 
 DELAY = timedelta(milliseconds=5_000)
 
@@ -257,6 +257,60 @@ async def test_run_restore_sends_current_api_url(harness: Harness) -> None:
     assert restore.body["metadata"]["VMFLOW_WORKLOAD_URL"] == "http://127.0.0.1:10/moved-api"
     result = await finish(handle, f"{run_id}-r2")
     assert result.state == RunState.COMPLETED
+
+
+async def test_run_fails_when_instance_exits(harness: Harness) -> None:
+    await harness.start_workers()
+    run_id, handle = await start_run(harness)
+    await started_runner(harness, handle, run_id)
+    instance_id = harness.gateway.calls_of("instances.create")[0].target
+    assert instance_id is not None
+
+    # The sandboxed process is SIGKILLed: no runner message ever arrives.
+    harness.gateway.exit_instance(instance_id, 137, "step 1\nKilled\n")
+    await harness.env.sleep(INSTANCE_CHECK_INTERVAL + timedelta(seconds=1))
+    await harness.gateway.wait_for("instances.delete")
+    result = await handle.result()
+
+    assert result.state == RunState.FAILED
+    assert result.error is not None
+    assert result.error["name"] == "InstanceExited"
+    assert result.error["exit_code"] == 137
+    assert result.error["log_tail"] == "step 1\nKilled\n"
+    assert "exit code 137" in result.error["message"]
+    assert [c.target for c in harness.gateway.calls_of("instances.get")] == [instance_id]
+    assert [c.target for c in harness.gateway.calls_of("instances.delete")] == [instance_id]
+    with session_scope(harness.sessions) as session:
+        run = session.get(TaskRun, run_id)
+        assert run is not None
+        assert run.status == TaskRunStatus.FAILED
+        assert run.instance_id is None
+    await assert_replays(handle, "run_instance_exited")
+
+
+async def test_run_fails_when_instance_vanishes_in_place(harness: Harness) -> None:
+    await harness.start_workers()
+    run_id, handle = await start_run(harness, snapshots_enabled=False)
+    runner = await started_runner(harness, handle, run_id)
+    instance_id = harness.gateway.calls_of("instances.create")[0].target
+    assert instance_id is not None
+    await suspend(handle, runner, "wp-in-place")
+    await harness.env.sleep(INSTANCE_CHECK_INTERVAL * 3)
+    assert (await state_of(handle)).state == RunState.SUSPENDING
+
+    # The gateway lost the instance while the task waited in place.
+    del harness.gateway.instance_states[instance_id]
+    await harness.env.sleep(INSTANCE_CHECK_INTERVAL + timedelta(seconds=1))
+    await harness.gateway.wait_for("instances.delete")
+    result = await handle.result()
+
+    assert result.state == RunState.FAILED
+    assert result.error is not None
+    assert result.error["name"] == "InstanceExited"
+    assert result.error["exit_code"] is None
+    assert "is gone" in result.error["message"]
+    assert len(harness.gateway.calls_of("instances.get")) >= 3
+    assert harness.gateway.calls_of("instances.snapshot") == []
 
 
 async def test_run_second_suspend_replaces_first(harness: Harness) -> None:
