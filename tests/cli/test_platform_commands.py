@@ -136,12 +136,20 @@ async def test_trigger_wait_shows_state_changes(api_server: ApiServer) -> None:
             assert run is not None
             run.status = status
             run.output = output
+            if status == TaskRunStatus.SUSPENDED:
+                token = Waitpoint(run_id=run_id, kind=WaitpointKind.TOKEN, idempotency_key="a")
+                session.add(token)
+                session.flush()
+                token_id = token.id
 
     result = await asyncio.wait_for(command, timeout=60)
     assert result.exit_code == 0, result.output
     assert _run_id(result.output) == run_id
     for status in ("PENDING", "EXECUTING", "SUSPENDED", "COMPLETED"):
         assert f"status {status}" in result.output
+    assert f"run {run_id} waits for token {token_id}" in result.output
+    assert f"vmflow waitpoint complete {token_id} --output" in result.output
+    assert result.output.count(f"waits for token {token_id}") == 1
     assert '"report": "done"' in result.output
 
 

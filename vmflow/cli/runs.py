@@ -22,7 +22,7 @@ from vmflow.cli.common import (
     parse_json_option,
     poll_until,
 )
-from vmflow.storage.models import TaskRunStatus
+from vmflow.storage.models import TaskRunStatus, WaitpointKind, WaitpointStatus
 
 runs_app = typer.Typer(help="Inspect and cancel runs.", no_args_is_help=True)
 waitpoint_app = typer.Typer(help="Resolve waitpoints.", no_args_is_help=True)
@@ -58,6 +58,27 @@ def run_watcher(emit: Callable[[str], None]) -> Callable[[dict[str, Any]], None]
                 )
 
     return report
+
+
+def token_hinter(emit: Callable[[str], None]) -> Callable[[dict[str, Any]], None]:
+    """Return a callback that says once per pending token how to complete it from another shell."""
+    hinted: set[str] = set()
+
+    def hint(run: dict[str, Any]) -> None:
+        for waitpoint in run["waitpoints"]:
+            pending_token = (
+                waitpoint["kind"] == WaitpointKind.TOKEN.value
+                and waitpoint["status"] == WaitpointStatus.PENDING.value
+            )
+            if pending_token and waitpoint["id"] not in hinted:
+                hinted.add(waitpoint["id"])
+                emit(
+                    f"run {run['id']} waits for token {waitpoint['id']}; this command keeps "
+                    "waiting, so complete the token from another shell with:\n"
+                    f"  vmflow waitpoint complete {waitpoint['id']} --output '{{...}}'"
+                )
+
+    return hint
 
 
 def print_run(run: dict[str, Any]) -> None:
@@ -113,7 +134,12 @@ def trigger(
     wait: Annotated[
         bool, typer.Option(help="Show the run's state changes until it finishes.")
     ] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds --wait waits at most.")] = 3600,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds --wait waits at most; the run goes on after the CLI stops waiting."
+        ),
+    ] = 3600,
 ) -> None:
     """Trigger a run of a task."""
     body: dict[str, Any] = {"payload": parse_json_option(payload, "--payload")}
@@ -129,12 +155,20 @@ def trigger(
         console.print(f"run [bold]{triggered['run_id']}[/] ({triggered['workflow_id']})")
         if not wait:
             return
+        watch = run_watcher(console.print)
+        # Not wrapped, so the printed command can be copied as one line.
+        hint = token_hinter(lambda line: console.print(line, soft_wrap=True))
+
+        def report(run: dict[str, Any]) -> None:
+            watch(run)
+            hint(run)
+
         try:
             run = poll_until(
                 lambda: client.get_run(triggered["run_id"]),
                 lambda run: run["status"] in FINAL_STATUSES,
                 timeout_s=timeout,
-                on_value=run_watcher(console.print),
+                on_value=report,
                 what=f"run {triggered['run_id']} finishing",
             )
         except TimeoutError as error:
