@@ -31,8 +31,9 @@ StartAgent = Callable[..., AgentProcess]
 FLAVORS = ["sync", "async"]
 
 
-def _runner_id() -> str:
-    return f"runner-{uuid.uuid4().hex[:8]}"
+def _runner_id(run: TaskRun, generation: int = 1) -> str:
+    """Return the id the workflow gives the run's `generation`-th runner."""
+    return f"{run.id}-r{generation}"
 
 
 def _wait_for_suspend(server: WorkloadServer, run_id: str, agent: AgentProcess) -> Waitpoint:
@@ -58,7 +59,7 @@ def test_token_wait_continues_in_place(
     flavor: str, workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run(f"token-{flavor}", {"timeout_s": 600})
-    runner_id = _runner_id()
+    runner_id = _runner_id(run)
     host_channel.set_run(workload_server, run, runner_id)
     agent = start_agent(host_channel)
 
@@ -86,7 +87,7 @@ def test_token_wait_adopts_restored_identity(
     flavor: str, workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run(f"token-{flavor}", {"timeout_s": 600})
-    first_runner = _runner_id()
+    first_runner = _runner_id(run)
     host_channel.set_run(workload_server, run, first_runner)
     agent = start_agent(host_channel)
     waitpoint = _wait_for_suspend(workload_server, run.id, agent)
@@ -94,7 +95,7 @@ def test_token_wait_adopts_restored_identity(
     # What a snapshot and restore look like from inside: the channel stops
     # accepting, then accepts again with a new runner id and a higher generation.
     host_channel.pause()
-    second_runner = _runner_id()
+    second_runner = _runner_id(run, 2)
     host_channel.restore(second_runner, snapshot_id=f"snap-{uuid.uuid4().hex[:8]}")
     _complete(workload_server, waitpoint.id, "approved")
     host_channel.resume()
@@ -116,12 +117,34 @@ def test_token_wait_adopts_restored_identity(
     )
 
 
+def test_stale_agent_stops_without_changes(
+    workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
+) -> None:
+    run = workload_server.create_run("token-sync", {"timeout_s": 600})
+    # The workflow already moved on to the run's second runner, as after a
+    # restore, while this instance still reports the first one.
+    with session_scope(workload_server.sessions) as session:
+        stored = session.get(TaskRun, run.id)
+        assert stored is not None
+        stored.runner_id = _runner_id(run, 2)
+    host_channel.set_run(workload_server, run, _runner_id(run, 1))
+    agent = start_agent(host_channel)
+
+    assert agent.wait_exit() == 4, agent.stderr()
+    assert f"runner {_runner_id(run, 1)} of run {run.id} is stale" in agent.stderr()
+    unchanged = workload_server.get_run(run.id)
+    assert unchanged.runner_id == _runner_id(run, 2)
+    assert unchanged.status is TaskRunStatus.PENDING
+    assert workload_server.events.for_run(run.id) == []
+    assert workload_server.log_messages(run.id) == []
+
+
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_duration_wait_completes(
     flavor: str, workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run(f"duration-{flavor}", {"seconds": 0.3})
-    host_channel.set_run(workload_server, run, _runner_id())
+    host_channel.set_run(workload_server, run, _runner_id(run))
     agent = start_agent(host_channel)
 
     assert agent.wait_exit() == 0, agent.stderr()
@@ -139,7 +162,7 @@ def test_token_timeout_fails_run(
     flavor: str, workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run(f"token-{flavor}", {"timeout_s": 0.2})
-    host_channel.set_run(workload_server, run, _runner_id())
+    host_channel.set_run(workload_server, run, _runner_id(run))
     agent = start_agent(host_channel)
 
     assert agent.wait_exit() == 0, agent.stderr()
@@ -155,7 +178,7 @@ def test_task_exception_fails_run(
     flavor: str, workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run(f"raises-{flavor}", {"rows": 3})
-    host_channel.set_run(workload_server, run, _runner_id())
+    host_channel.set_run(workload_server, run, _runner_id(run))
     agent = start_agent(host_channel)
 
     assert agent.wait_exit() == 0, agent.stderr()
@@ -176,7 +199,7 @@ def test_output_not_json_fails_run(
     flavor: str, workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run(f"bad-output-{flavor}")
-    host_channel.set_run(workload_server, run, _runner_id())
+    host_channel.set_run(workload_server, run, _runner_id(run))
     agent = start_agent(host_channel)
 
     assert agent.wait_exit() == 0, agent.stderr()
@@ -191,7 +214,7 @@ def test_unknown_task_fails_run_listing_ids(
     workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run("no-such-task")
-    host_channel.set_run(workload_server, run, _runner_id())
+    host_channel.set_run(workload_server, run, _runner_id(run))
     agent = start_agent(host_channel)
 
     assert agent.wait_exit() == 0, agent.stderr()
@@ -206,7 +229,7 @@ def test_blocking_wait_in_async_task_fails_run(
     workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run("blocking-wait-in-async")
-    host_channel.set_run(workload_server, run, _runner_id())
+    host_channel.set_run(workload_server, run, _runner_id(run))
     agent = start_agent(host_channel)
 
     assert agent.wait_exit() == 0, agent.stderr()
@@ -223,7 +246,7 @@ def test_import_error_fails_run(
     tmp_path: pytest.TempPathFactory,
 ) -> None:
     run = workload_server.create_run("echo", {"x": 1})
-    host_channel.set_run(workload_server, run, _runner_id())
+    host_channel.set_run(workload_server, run, _runner_id(run))
     agent = start_agent(host_channel, modules="sample_tasks,missing_module_for_test")
 
     assert agent.wait_exit() == 0, agent.stderr()
@@ -242,7 +265,7 @@ def test_agent_waits_for_run_after_ready(
 
     # As a template restored into a real instance: the identity now names a run.
     run = workload_server.create_run("echo", {"hello": "world"})
-    host_channel.set_run(workload_server, run, _runner_id())
+    host_channel.set_run(workload_server, run, _runner_id(run))
 
     assert agent.wait_exit() == 0, agent.stderr()
     finished = workload_server.get_run(run.id)
@@ -254,7 +277,7 @@ def test_token_completed_twice_keeps_first_output(
     workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:
     run = workload_server.create_run("token-sync", {"timeout_s": 600})
-    host_channel.set_run(workload_server, run, _runner_id())
+    host_channel.set_run(workload_server, run, _runner_id(run))
     agent = start_agent(host_channel)
     waitpoint = _wait_for_suspend(workload_server, run.id, agent)
 
@@ -272,11 +295,12 @@ def test_runtime_stale_request_adopts_restored_identity(
     workload_server: WorkloadServer, host_channel: HostChannel
 ) -> None:
     run = workload_server.create_run("echo")
-    host_channel.set_run(workload_server, run, "runner-before")
+    before, after = f"{run.id}-r1", f"{run.id}-r2"
+    host_channel.set_run(workload_server, run, before)
     runtime = Runtime(
         ChannelClient(str(host_channel.socket_path), retry_deadline_s=30),
         InstanceIdentity.from_json(host_channel.identity),
-        runner_id="runner-before",
+        runner_id=before,
         run_id=run.id,
     )
     runtime.call("POST", "/start", {})
@@ -284,14 +308,14 @@ def test_runtime_stale_request_adopts_restored_identity(
 
     # A snapshot taken after the wait ended: the runner sends its next
     # request with the old id, is rejected as stale, and adopts the new one.
-    host_channel.restore("runner-after", snapshot_id="snap-late")
+    host_channel.restore(after, snapshot_id="snap-late")
     status = runtime.heartbeat()
 
     assert status == "EXECUTING"
-    assert runtime.runner_id == "runner-after"
-    assert workload_server.get_run(run.id).runner_id == "runner-after"
+    assert runtime.runner_id == after
+    assert workload_server.get_run(run.id).runner_id == after
     resumed = workload_server.events.for_run(run.id, "runner_resumed")
-    assert [event.runner_id for event in resumed] == ["runner-after"]
+    assert [event.runner_id for event in resumed] == [after]
 
 
 def test_agent_heartbeats_and_stops_when_canceled(
@@ -300,7 +324,7 @@ def test_agent_heartbeats_and_stops_when_canceled(
     monkeypatch.syspath_prepend(str(SAMPLE_TASKS_DIR))
     sample_tasks = importlib.import_module("sample_tasks")
     run = workload_server.create_run("blocks-until-released")
-    host_channel.set_run(workload_server, run, _runner_id())
+    host_channel.set_run(workload_server, run, _runner_id(run))
     agent = Agent(ChannelClient(str(host_channel.socket_path), retry_deadline_s=30), None)
     agent.heartbeat_interval_s = 0.1
     exit_codes: list[int] = []

@@ -115,15 +115,93 @@ def test_workload_stale_runner_cannot_finish(workload_server_any_db: WorkloadSer
     server = workload_server_any_db
     run = server.create_run("echo")
     client = RunClient(server, run)
-    client.post("/start", {"runner_id": "runner-old"})
-    client.post("/start", {"runner_id": "runner-new"})
+    old, new = f"{run.id}-r1", f"{run.id}-r2"
+    client.post("/start", {"runner_id": old})
+    client.post("/start", {"runner_id": new})
 
-    response = client.post("/complete", {"runner_id": "runner-old", "output": 1})
+    response = client.post("/complete", {"runner_id": old, "output": 1})
 
     assert response.status_code == 409
     assert response.json()["detail"]["code"] == "stale_runner"
-    assert "runner-new" in response.json()["detail"]["message"]
+    assert new in response.json()["detail"]["message"]
     assert server.get_run(run.id).status is TaskRunStatus.EXECUTING
+
+
+def _record_runner(server: WorkloadServer, run_id: str, runner_id: str) -> None:
+    """Record `runner_id` as the run's current runner, as the workflow does at a restore."""
+    with session_scope(server.sessions) as session:
+        run = session.get(TaskRun, run_id)
+        assert run is not None
+        run.runner_id = runner_id
+        run.status = TaskRunStatus.RESTORING
+
+
+def test_workload_older_runner_cannot_take_over(
+    workload_server_any_db: WorkloadServer,
+) -> None:
+    server = workload_server_any_db
+    run = server.create_run("echo")
+    client = RunClient(server, run)
+    old, current = f"{run.id}-r1", f"{run.id}-r2"
+    client.post("/start", {"runner_id": old})
+    waitpoint = client.post(
+        "/waitpoints", {"runner_id": old, "kind": "TOKEN", "idempotency_key": "k"}
+    ).json()
+    _record_runner(server, run.id, current)
+    events_before = len(server.events.for_run(run.id))
+
+    attempts = {
+        "start": client.post("/start", {"runner_id": old}),
+        "resume": client.post("/resume", {"runner_id": old, "waitpoint_id": waitpoint["id"]}),
+        "complete": client.post("/complete", {"runner_id": old, "output": "forged"}),
+        "fail": client.post("/fail", {"runner_id": old, "error": {"name": "E", "message": "m"}}),
+        "suspend": client.post(
+            "/suspend",
+            {"runner_id": old, "waitpoint_id": waitpoint["id"], "execution_snapshot_id": 1},
+        ),
+        "waitpoints": client.post(
+            "/waitpoints", {"runner_id": old, "kind": "TOKEN", "idempotency_key": "k2"}
+        ),
+        "logs": client.post(
+            "/logs",
+            {"runner_id": old, "lines": [{"message": "x", "ts": "2026-01-01T00:00:00Z"}]},
+        ),
+        "heartbeat": client.post("/heartbeat", {"runner_id": old}),
+    }
+
+    for route, response in attempts.items():
+        assert response.status_code == 409, f"{route}: {response.text}"
+        assert response.json()["detail"]["code"] == "stale_runner", route
+        assert current in response.json()["detail"]["message"], route
+    stored = server.get_run(run.id)
+    assert stored.runner_id == current
+    assert stored.status is TaskRunStatus.RESTORING
+    assert stored.output is None
+    assert len(server.events.for_run(run.id)) == events_before
+    assert len(server.waitpoints(run.id)) == 1
+    assert server.log_messages(run.id) == []
+
+
+def test_workload_current_and_newer_runner_admitted(
+    workload_server_any_db: WorkloadServer,
+) -> None:
+    server = workload_server_any_db
+    run = server.create_run("echo")
+    client = RunClient(server, run)
+    _record_runner(server, run.id, f"{run.id}-r2")
+
+    current = client.post("/start", {"runner_id": f"{run.id}-r2"})
+    newer = client.post("/start", {"runner_id": f"{run.id}-r10"})
+    older = client.post("/start", {"runner_id": f"{run.id}-r9"})
+    foreign = client.post("/start", {"runner_id": "runner-elsewhere"})
+    other_run = client.post("/start", {"runner_id": "run_other-r11"})
+
+    assert current.status_code == 200, current.text
+    assert newer.status_code == 200, newer.text
+    for response in (older, foreign, other_run):
+        assert response.status_code == 409, response.text
+        assert response.json()["detail"]["code"] == "stale_runner"
+    assert server.get_run(run.id).runner_id == f"{run.id}-r10"
 
 
 def test_workload_waitpoint_create_is_idempotent(
@@ -206,11 +284,12 @@ def test_workload_suspend_and_resume_switch_runner(
     server = workload_server_any_db
     run = server.create_run("echo")
     client = RunClient(server, run)
-    client.post("/start", {"runner_id": "runner-1"})
+    first, second = f"{run.id}-r1", f"{run.id}-r2"
+    client.post("/start", {"runner_id": first})
     waitpoint = client.post(
         "/waitpoints",
         {
-            "runner_id": "runner-1",
+            "runner_id": first,
             "kind": "DURATION",
             "duration_ms": 3_600_000,
             "idempotency_key": "k",
@@ -219,20 +298,20 @@ def test_workload_suspend_and_resume_switch_runner(
 
     suspend = client.post(
         "/suspend",
-        {"runner_id": "runner-1", "waitpoint_id": waitpoint["id"], "execution_snapshot_id": 7},
+        {"runner_id": first, "waitpoint_id": waitpoint["id"], "execution_snapshot_id": 7},
     )
     suspending = server.get_run(run.id).status
-    resume = client.post("/resume", {"runner_id": "runner-2", "waitpoint_id": waitpoint["id"]})
+    resume = client.post("/resume", {"runner_id": second, "waitpoint_id": waitpoint["id"]})
 
     assert suspend.json()["suspended"] is True
     assert suspending is TaskRunStatus.SUSPENDING
     assert resume.status_code == 200, resume.text
-    assert resume.json() == {"run_id": run.id, "status": "EXECUTING", "runner_id": "runner-2"}
+    assert resume.json() == {"run_id": run.id, "status": "EXECUTING", "runner_id": second}
     (suspended,) = server.events.for_run(run.id, "suspend_requested")
-    assert suspended.runner_id == "runner-1"
+    assert suspended.runner_id == first
     assert suspended.details["suspend"].execution_snapshot_id == 7
     assert suspended.details["suspend"].resume_at is not None
-    stale = client.post("/heartbeat", {"runner_id": "runner-1"})
+    stale = client.post("/heartbeat", {"runner_id": first})
     assert stale.status_code == 409
     assert stale.json()["detail"]["code"] == "stale_runner"
 

@@ -4,7 +4,9 @@ Mounted under `/api/v1/workload` and reached by runners only through their
 instance's channel, which adds the run's workload token. Every route checks
 that token and that the run id in the path is the token's run. Routes that
 change a run require the run's current runner id, so a runner left behind by
-a restore cannot change the run. docs/workload-api.md documents each route.
+a restore cannot change the run. Start and resume may also admit a runner of
+a newer generation (see `_admit_runner`), never an older one.
+docs/workload-api.md documents each route.
 
 The database change of a request is committed before its `RunEvents` call.
 When that call fails the route returns 503 and the runner retries, so every
@@ -292,12 +294,50 @@ def _require_live(run: TaskRun) -> None:
 
 def _require_current_runner(run: TaskRun, runner_id: str) -> None:
     if run.runner_id != runner_id:
-        raise api_error(
-            status.HTTP_409_CONFLICT,
-            "stale_runner",
-            f"runner {runner_id!r} is not the current runner of run {run.id!r} "
-            f"(current: {run.runner_id!r}); a restored runner calls resume first",
-        )
+        raise _stale_runner(run, runner_id)
+
+
+def _stale_runner(run: TaskRun, runner_id: str) -> HTTPException:
+    logger.warning(
+        "rejected runner %s of run %s: the current runner is %s", runner_id, run.id, run.runner_id
+    )
+    return api_error(
+        status.HTTP_409_CONFLICT,
+        "stale_runner",
+        f"runner {runner_id!r} is not the current runner of run {run.id!r} "
+        f"(current: {run.runner_id!r}); a restored runner calls resume first",
+    )
+
+
+def runner_generation(run_id: str, runner_id: str) -> int | None:
+    """Return n of a runner id `<run id>-r<n>`, or None for an id of another form."""
+    prefix = f"{run_id}-r"
+    suffix = runner_id.removeprefix(prefix)
+    if suffix == runner_id or not suffix.isdigit():
+        return None
+    return int(suffix)
+
+
+def _admit_runner(run: TaskRun, runner_id: str) -> None:
+    """Make `runner_id` the run's current runner, or raise `stale_runner` (409).
+
+    The workflow records each runner id in `TaskRun.runner_id` before it
+    provisions or restores that runner's instance, so a runner that starts
+    or resumes is normally already current. A runner of a higher generation
+    (`<run id>-r<n>`) than the recorded one is admitted as well, for a
+    database that has not caught up. Any other runner is stale: an older
+    generation, or a different id that is not of that form.
+    """
+    current = run.runner_id
+    if current is None or current == runner_id:
+        run.runner_id = runner_id
+        return
+    generation = runner_generation(run.id, runner_id)
+    current_generation = runner_generation(run.id, current)
+    if generation is None or current_generation is None or generation <= current_generation:
+        raise _stale_runner(run, runner_id)
+    logger.info("runner %s replaces runner %s of run %s", runner_id, current, run.id)
+    run.runner_id = runner_id
 
 
 def _load_waitpoint(session: Session, run: TaskRun, waitpoint_id: str) -> Waitpoint:
@@ -343,11 +383,7 @@ async def start_run(run_id: str, body: RunnerRequest, claims: Claims, state: Sta
     def step(session: Session) -> Execution:
         run = _load_run(session, run_id)
         _require_live(run)
-        if run.runner_id not in (None, body.runner_id):
-            logger.info(
-                "runner %s replaces runner %s of run %s", body.runner_id, run.runner_id, run_id
-            )
-        run.runner_id = body.runner_id
+        _admit_runner(run, body.runner_id)
         run.status = TaskRunStatus.EXECUTING
         run.started_at = run.started_at or utc_now()
         run.last_heartbeat_at = utc_now()
@@ -386,7 +422,7 @@ async def heartbeat(run_id: str, body: RunnerRequest, claims: Claims, state: Sta
 
 @router.post("/runs/{run_id}/logs", response_model=LogsResponse)
 async def append_logs(run_id: str, body: LogsRequest, claims: Claims, state: State) -> LogsResponse:
-    """Append log lines to the run's log; any runner of the run may send them."""
+    """Append log lines to the run's log, tagged with the current runner that sent them."""
     for line in body.lines:
         if line.ts.utcoffset() is None:
             raise api_error(
@@ -396,7 +432,8 @@ async def append_logs(run_id: str, body: LogsRequest, claims: Claims, state: Sta
             )
 
     def step(session: Session) -> LogsResponse:
-        _load_run(session, run_id)
+        run = _load_run(session, run_id)
+        _require_current_runner(run, body.runner_id)
         for line in body.lines:
             session.add(
                 RunLogLine(
@@ -519,14 +556,7 @@ async def resume_run(run_id: str, body: ResumeRequest, claims: Claims, state: St
         run = _load_run(session, run_id)
         _require_live(run)
         _load_waitpoint(session, run, body.waitpoint_id)
-        if run.runner_id != body.runner_id:
-            logger.info(
-                "runner %s resumes run %s after runner %s",
-                body.runner_id,
-                run_id,
-                run.runner_id,
-            )
-        run.runner_id = body.runner_id
+        _admit_runner(run, body.runner_id)
         run.status = TaskRunStatus.EXECUTING
         run.last_heartbeat_at = utc_now()
         return RunState(run_id=run.id, status=run.status, runner_id=run.runner_id)

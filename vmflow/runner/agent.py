@@ -12,8 +12,10 @@ Identity comes from the channel only, never from os.environ, because the
 environment of a restored process is the one it was snapshotted with.
 
 Exit status: 0 once the run's result is recorded, 1 when it could not be
-reported, 2 for a missing or invalid environment, 3 when the run was
-finished from outside (canceled) while the task still ran.
+reported, 2 for a missing or invalid environment, and 3 when the run was
+finished from outside (canceled) while the task still ran. Status 4 means
+the workload API rejected this runner as stale because another runner is
+the run's current one, so the runner stopped and changed nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vmflow.runner.channel import ChannelClient, ChannelError, InstanceIdentity
+from vmflow.runner.channel import (
+    ChannelClient,
+    ChannelError,
+    InstanceIdentity,
+    WorkloadAPIError,
+)
 from vmflow.runner.context import RunContext, set_context
 from vmflow.runner.errors import TaskOutputError, UnknownTaskError
 from vmflow.runner.runtime import (
@@ -50,6 +57,14 @@ HEARTBEAT_INTERVAL_S = 10.0
 LOG_FLUSH_INTERVAL_S = 0.5
 
 _FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELED", "TIMED_OUT"})
+
+EXIT_CANCELED = 3
+EXIT_STALE_RUNNER = 4
+
+
+def is_stale_runner(error: BaseException | None) -> bool:
+    """Return whether `error` is the workload API's 409 `stale_runner`."""
+    return isinstance(error, WorkloadAPIError) and error.code == "stale_runner"
 
 
 @dataclass
@@ -150,6 +165,18 @@ class Agent:
         logging.getLogger().addHandler(handler)
         try:
             return self._execute(runtime)
+        except WorkloadAPIError as error:
+            if not is_stale_runner(error):
+                raise
+            # Runtime.call already checked the identity and found no newer one,
+            # so another runner owns the run. Reporting anything would fail.
+            logger.error(
+                "runner %s of run %s is stale and stops without reporting: %s",
+                runtime.runner_id,
+                runtime.run_id,
+                error.message,
+            )
+            return EXIT_STALE_RUNNER
         finally:
             logging.getLogger().removeHandler(handler)
             set_context(None)
@@ -197,8 +224,11 @@ class Agent:
         thread.start()
         canceled = self._supervise(runtime, thread)
         if canceled:
-            return 3
+            return EXIT_CANCELED
 
+        if is_stale_runner(outcome.error):
+            assert outcome.error is not None
+            raise outcome.error
         if outcome.error is not None:
             logger.error("task %s failed: %r", task.id, outcome.error)
             return self._report_failure(runtime, error_details(outcome.error, outcome.traceback))
@@ -226,6 +256,8 @@ class Agent:
                         )
                         return True
             except ChannelError as error:
+                if is_stale_runner(error):
+                    raise
                 # The task keeps running; the next tick tries again.
                 logger.warning(
                     "heartbeat or log shipping of run %s failed: %s", runtime.run_id, error
@@ -239,12 +271,16 @@ class Agent:
         try:
             runtime.flush_logs()
         except ChannelError as error:
+            if is_stale_runner(error):
+                raise
             logger.warning(
                 "shipping the last log lines of run %s failed: %s", runtime.run_id, error
             )
         try:
             runtime.call("POST", suffix, body)
-        except ChannelError:
+        except ChannelError as error:
+            if is_stale_runner(error):
+                raise
             logger.exception("reporting the result of run %s failed", runtime.run_id)
             return 1
         logger.info("run %s reported via %s", runtime.run_id, suffix)
