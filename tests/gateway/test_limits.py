@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from vmflow.compute.client import ComputeClient
+from vmflow.compute.errors import ComputeHTTPError
 from vmflow.compute.models import InstanceCreateRequest, InstanceState
 from vmflow.gateway.drivers.cgroups import CGROUP_ROOT
+from vmflow.gateway.drivers.sandbox import DEV_NODES, Bind, SandboxDriver
+from vmflow.gateway.server import GatewayServer
 
 from .conftest import CGROUP_PARENT, ImageBuilder, probe_result, unique, wait_for, wait_for_output
 
@@ -90,7 +94,57 @@ async def test_limits_writes_only_to_scratch(
 
     output = await wait_for_output(client, instance_id, lambda text: "RESULT" in text)
     result = probe_result(output)
-    for path in ["/probe", "/app/probe", "/etc/probe", "/usr/probe", "/tmp/probe"]:
+    for path in [
+        "/probe",
+        "/app/probe",
+        "/etc/probe",
+        "/usr/probe",
+        "/tmp/probe",
+        "/dev/probe",
+        "/.oldroot/probe",
+        "/run/probe",
+        "/run/vmflow/probe",
+    ]:
         assert result[path] != "written", path
     assert result["remount"] != "written"
     assert result["/scratch/probe"] == "written"
+    assert result["oldroot_exists"] is False
+
+
+async def test_limits_mounts_are_read_only(
+    client: ComputeClient, build_image: ImageBuilder
+) -> None:
+    instance_id = await create_probe(client, build_image, {"PROBE": "write"})
+
+    output = await wait_for_output(client, instance_id, lambda text: "RESULT" in text)
+    options = probe_result(output)["mount_options"]
+    for mount_point in ["/", "/app", "/usr", "/etc", "/run/vmflow"]:
+        assert "ro" in options[mount_point].split(","), (mount_point, options)
+    assert "rw" in options["/scratch"].split(",")
+    assert "rw" in options["/run/vmflow/output.log"].split(",")
+    writable = {point for point, flags in options.items() if "rw" in flags.split(",")}
+    assert writable == {
+        "/scratch",
+        "/run/vmflow/output.log",
+        "/run/vmflow/exit_status",
+        "/proc",
+        *(f"/dev/{node}" for node in DEV_NODES),
+    }
+
+
+async def test_limits_failed_mount_aborts_start(
+    client: ComputeClient, gateway_server: GatewayServer, build_image: ImageBuilder
+) -> None:
+    driver = gateway_server.gateway.driver
+    assert isinstance(driver, SandboxDriver)
+    missing = Bind(Path("/nonexistent-vmflow-source"), "/nonexistent")
+    driver._host_binds.append(missing)
+    try:
+        with pytest.raises(ComputeHTTPError) as caught:
+            await create_probe(client, build_image, {"PROBE": "write"})
+    finally:
+        driver._host_binds.remove(missing)
+
+    assert "exited during setup" in str(caught.value)
+    assert "nonexistent-vmflow-source" in str(caught.value)
+    assert gateway_server.gateway.list_instances() == []

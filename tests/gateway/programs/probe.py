@@ -47,6 +47,10 @@ def write() -> dict:
         "/etc/probe",
         "/usr/probe",
         "/tmp/probe",
+        "/dev/probe",
+        "/.oldroot/probe",
+        "/run/probe",
+        "/run/vmflow/probe",
         "/scratch/probe",
     ]:
         try:
@@ -62,6 +66,11 @@ def write() -> dict:
         outcomes["remount"] = "written"
     except OSError as failure:
         outcomes["remount"] = f"{type(failure).__name__}: errno {failure.errno}"
+    # Field 5 of a mountinfo line is the mount point and field 6 its options.
+    with open("/proc/self/mountinfo") as mountinfo:
+        mounts = {line.split()[4]: line.split()[5] for line in mountinfo}
+    outcomes["mount_options"] = mounts
+    outcomes["oldroot_exists"] = os.path.lexists("/.oldroot")
     return outcomes
 
 

@@ -3,12 +3,14 @@
 """The sandbox driver: the image's runtime in new pid, mount, net, ipc and uts namespaces.
 
 The sandbox's root is an empty directory, bind-mounted onto itself and made the root with
-`pivot_root`, then remounted read-only. Read-only binds bring in the host's /usr, the Python
-that runs the gateway, a generated /etc and the image at /app. A few /dev nodes and /proc
-complete it, with a private writable /scratch. /run/vmflow, the instance's io directory,
-is read-only and contains the channel socket. Its two files, output.log and exit_status,
-are bound writable onto themselves. So the process can write them but cannot replace them
-with a symlink that the gateway would follow on the host.
+`pivot_root`, then remounted read-only; the old root is unmounted and its mount point
+removed. There is no /tmp, because TMPDIR points to /scratch. Read-only binds bring in
+the host's /usr, the Python that runs the gateway, a generated /etc and the image at /app.
+A few /dev nodes and /proc complete it, with a private writable /scratch.
+/run/vmflow, the instance's io directory, is read-only and contains the channel socket.
+Its two files, output.log and exit_status, are bound writable onto themselves. So the
+process can write them but cannot replace them with a symlink that the gateway would
+follow on the host.
 The process keeps uid 0 but has no capabilities (an empty bounding set and no_new_privs),
 so it cannot remount any of it or write to the host files mounted into it.
 Limits are cgroup v1 memory, pids and cpu directories; there is no network interface
@@ -285,7 +287,12 @@ class SandboxDriver:
             f"cd {quoted_root}",
             "pivot_root . .oldroot",
             "umount -l /.oldroot",
+            "rmdir /.oldroot",
             "mount -o remount,bind,ro,nosuid,nodev /",
+            # set -e stops at a failed mount, and this stops at a remount without effect.
+            "if touch /.vmflow-write-check 2>/dev/null; then"
+            " echo 'vmflow-sandbox: / is still writable after the read-only remount' >&2;"
+            " exit 1; fi",
             "hostname sandbox",
             f"exec </dev/null >>{OUTPUT_PATH} 2>&1",
             "cd /app",
