@@ -106,6 +106,56 @@ async def test_deploy_missing_image_names_fix(api_server: ApiServer, tmp_path: P
     assert "vmflow image build" in result.output
 
 
+async def test_deploy_without_tag_reuses_latest(api_server: ApiServer, tmp_path: Path) -> None:
+    image_dir = str(tmp_path / "images")
+    ImageStore(Path(image_dir)).build(EXAMPLES / "duration-wait", "duration-wait:latest")
+    project = unique("proj")
+
+    tagged = await invoke(
+        api_server,
+        *("deploy", "duration-wait:latest", "--project", project, "--no-wait"),
+        VMFLOW_GATEWAY_IMAGE_DIR=image_dir,
+    )
+    untagged = await invoke(
+        api_server,
+        *("deploy", "duration-wait", "--project", project, "--no-wait"),
+        VMFLOW_GATEWAY_IMAGE_DIR=image_dir,
+    )
+
+    assert tagged.exit_code == 0, tagged.output
+    assert untagged.exit_code == 0, untagged.output
+    deployment_id = re.search(r"deployment (dep_[0-9a-f]+)", tagged.output)
+    assert deployment_id, tagged.output
+    assert f"deployment {deployment_id.group(1)} " in untagged.output
+
+
+async def test_redeploy_makes_deployment_current(api_server: ApiServer) -> None:
+    project = unique("proj")
+    first = await deploy(api_server, project=project, tasks=["approval-report"])
+    await deploy(api_server, project=project, tasks=["duration-wait"])
+
+    hidden = await invoke(api_server, "trigger", "approval-report", "--project", project)
+    redeployed = await invoke(
+        api_server,
+        *("deploy", first["image"], "--project", project, "--version", first["version"]),
+        *("--task", "approval-report", "--timeout", "30"),
+    )
+    triggered = await invoke(api_server, "trigger", "approval-report", "--project", project)
+
+    assert hidden.exit_code == 1
+    assert "not defined in deployment" in hidden.output
+    assert "--deployment DEPLOYMENT_ID" in hidden.output
+    assert "--project" in hidden.output
+    assert redeployed.exit_code == 0, redeployed.output
+    assert f"deployment {first['id']} " in redeployed.output
+    assert f"now {first['id']}" in redeployed.output
+    assert triggered.exit_code == 0, triggered.output
+    with session_scope(api_server.sessions) as session:
+        run = session.get(TaskRun, _run_id(triggered.output))
+        assert run is not None
+        assert run.deployment_id == first["id"]
+
+
 async def test_trigger_wait_shows_state_changes(api_server: ApiServer) -> None:
     deployment = await deploy(api_server)
     command = asyncio.create_task(

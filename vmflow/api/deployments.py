@@ -22,6 +22,7 @@ from vmflow.compute.images import InvalidImageReferenceError, strip_image_digest
 from vmflow.storage.db import session_scope
 from vmflow.storage.models import (
     Deployment,
+    DeploymentStatus,
     Organization,
     Project,
     WorkerInstanceGroup,
@@ -93,13 +94,22 @@ def _upsert_deployment(session: Session, body: DeploymentFinalizeRequest, image:
         )
     ).one_or_none()
     if existing is not None:
-        if existing.image != image or sorted(existing.tasks or []) != sorted(body.tasks):
+        differences = []
+        if existing.image != image:
+            differences.append(f"image {existing.image!r}, not {image!r}")
+        if sorted(existing.tasks or []) != sorted(body.tasks):
+            differences.append(f"tasks {', '.join(sorted(existing.tasks or [])) or 'none'}")
+        if differences:
             raise ConflictError(
                 "deployment_version_exists",
                 f"version {body.version!r} of project {body.project!r} is already deployed "
-                f"as {existing.id} with image {existing.image!r} and other contents; "
-                "deploy the new image under a new version",
+                f"as {existing.id} with {' and '.join(differences)}; deploy the new image "
+                "under a new version",
             )
+        # Deploying it again makes it the project's newest DEPLOYED deployment,
+        # the one a trigger by project runs on.
+        if existing.status == DeploymentStatus.DEPLOYED:
+            existing.deployed_at = utc_now()
         return _Upserted(deployment_response(existing, project.slug), created=False)
 
     deployment = Deployment(

@@ -25,8 +25,8 @@ class ImageInspectionError(RuntimeError):
     """The image is not in the local store or its task modules could not be imported."""
 
 
-def image_task_ids(reference: str) -> tuple[list[str], str]:
-    """Return the task ids and content digest of a locally built image.
+def image_task_ids(reference: str) -> tuple[list[str], str, str]:
+    """Return the task ids, content digest and `name:tag` reference of a locally built image.
 
     The ids come from importing the image's task modules in a child process,
     the same way the runner inside an instance loads them.
@@ -60,7 +60,7 @@ def image_task_ids(reference: str) -> tuple[list[str], str]:
         raise ImageInspectionError(
             f"image {reference} defines no tasks; decorate functions with @task"
         )
-    return list(task_ids), image.manifest.digest
+    return list(task_ids), image.manifest.digest, f"{image.manifest.name}:{image.manifest.tag}"
 
 
 def wait_for_deployment(
@@ -88,7 +88,8 @@ def deploy_image(
     """Finalize a deployment of `image`, reading its tasks from the local store when not given."""
     digest = None
     if not tasks:
-        tasks, digest = image_task_ids(image)
+        # The full `name:tag` keeps `NAME` and `NAME:latest` one deployment.
+        tasks, digest, image = image_task_ids(image)
     if version is None:
         # The content digest names the image's files, so redeploying an unchanged
         # image is the same deployment and the hook stays idempotent.
@@ -162,4 +163,10 @@ def deploy(
     console.print(
         f"[green]DEPLOYED[/] template mode {deployment['template_mode']}"
         + (f", template {deployment['template_id']}" if deployment["template_id"] else "")
+    )
+    console.print(
+        f"`vmflow trigger TASK --project {deployment['project']}` runs on the project's newest "
+        f"deployment, now {deployment['id']}; after another deploy to {deployment['project']}, "
+        f"pass `--deployment {deployment['id']}` to run on this one or deploy it again",
+        soft_wrap=True,
     )

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from vmflow.cli.client import ApiClient
+from vmflow.cli.client import ApiClient, ApiClientError
 from vmflow.cli.common import (
     clock,
     console,
@@ -61,7 +61,7 @@ def run_watcher(emit: Callable[[str], None]) -> Callable[[dict[str, Any]], None]
 
 
 def token_hinter(emit: Callable[[str], None]) -> Callable[[dict[str, Any]], None]:
-    """Return a callback that says once per pending token how to complete it from another shell."""
+    """Return a callback that prints, once per pending token, the command that completes it."""
     hinted: set[str] = set()
 
     def hint(run: dict[str, Any]) -> None:
@@ -151,7 +151,18 @@ def trigger(
         body["idempotency_key"] = idempotency_key
 
     with exit_on_api_error(), ApiClient.from_environment() as client:
-        triggered = client.trigger(task_id, body)
+        try:
+            triggered = client.trigger(task_id, body)
+        except ApiClientError as error:
+            if error.error != "task_not_found" or deployment:
+                raise
+            raise ApiClientError(
+                f"{error}; a trigger by project runs on the project's newest deployment, so "
+                f"pass --deployment DEPLOYMENT_ID to run a task of an older deployment of "
+                f"{project}, deploy that image again, or deploy each image to its own --project",
+                status=error.status,
+                error=error.error,
+            ) from error
         console.print(f"run [bold]{triggered['run_id']}[/] ({triggered['workflow_id']})")
         if not wait:
             return
