@@ -17,6 +17,12 @@ def serve(
         None, help="Address to bind; default VMFLOW_GATEWAY_HOST or 127.0.0.1."
     ),
     port: int | None = typer.Option(None, help="TCP port; default VMFLOW_GATEWAY_PORT or 8020."),
+    delete_instances_on_exit: bool | None = typer.Option(
+        None,
+        "--delete-instances-on-exit",
+        help="Delete every instance when the gateway stops (snapshots stay); default "
+        "VMFLOW_GATEWAY_DELETE_INSTANCES_ON_EXIT or false, which keeps instances running.",
+    ),
 ) -> None:
     """Serve the gateway API until interrupted; needs root for the sandbox driver."""
     from vmflow.gateway.server import serve as serve_gateway
@@ -30,6 +36,8 @@ def serve(
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
+    if delete_instances_on_exit:
+        overrides["delete_instances_on_exit"] = True
     try:
         settings = load_gateway_settings(**overrides)
         serve_gateway(settings)

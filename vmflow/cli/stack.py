@@ -292,6 +292,7 @@ class LocalStack:
     def _start_gateway(self) -> None:
         command = [sys.executable, "-m", "vmflow.cli.main", "gateway", "serve"]
         command += ["--host", "127.0.0.1", "--port", str(self.ports.gateway)]
+        command += ["--delete-instances-on-exit"]
         component = self._spawn("gateway", self.gateway_url, command)
         assert self.secrets is not None
         token = self.secrets.gateway_token

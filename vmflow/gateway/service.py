@@ -153,9 +153,13 @@ class Gateway:
     async def close(self, work_timeout_s: float = 60.0) -> None:
         """Finish snapshots and template builds (bounded), then stop watchers and channels.
 
-        Instances keep running, so the next start of the gateway finds them. What the
-        instances share, such as an empty cgroup parent, is removed.
+        Instances keep running, so the next start of the gateway finds them, unless
+        `settings.delete_instances_on_exit` is set. What the instances share, such as an
+        empty cgroup parent, is removed.
         """
+        if self.settings.delete_instances_on_exit:
+            logger.info("deleting every instance before the gateway stops")
+            await self.delete_all_instances(work_timeout_s)
         if self._work:
             logger.info("waiting for %d snapshots and template builds", len(self._work))
             _, pending = await asyncio.wait(list(self._work), timeout=work_timeout_s)
@@ -266,16 +270,20 @@ class Gateway:
         self._instance_store.save(record)
         logger.info("instance %s (%s) deleted", record.id, record.name)
 
-    async def delete_all_instances(self) -> None:
+    async def delete_all_instances(self, work_timeout_s: float = 60.0) -> None:
         """Delete every instance, waiting for snapshots in flight first, for tests and teardown.
 
         Then the driver removes what instances share, such as the sandbox's cgroup parent.
         """
         if self._work:
-            await asyncio.wait(list(self._work), timeout=60)
+            await asyncio.wait(list(self._work), timeout=work_timeout_s)
         for record in list(self.instances.values()):
-            if record.visible:
+            if not record.visible:
+                continue
+            try:
                 await self.delete_instance(record.id)
+            except GatewayError as error:
+                logger.error("cannot delete instance %s (%s): %s", record.id, record.name, error)
         self.driver.release_shared()
 
     # Snapshots

@@ -49,6 +49,11 @@ class GatewaySettings(BaseSettings):
     cgroup_parent: str = Field(
         default="vmflow", description="cgroup v1 directory, under each controller, for instances."
     )
+    delete_instances_on_exit: bool = Field(
+        default=False,
+        description="Delete every instance when the gateway stops; snapshots stay. By default "
+        "instances keep running, so a restarted gateway finds them.",
+    )
 
 
 def load_gateway_settings(**overrides: object) -> GatewaySettings:

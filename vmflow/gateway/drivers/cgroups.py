@@ -21,7 +21,11 @@ CFS_PERIOD_US = 100_000
 
 
 class CgroupSet:
-    """One instance's directories in the memory, pids and cpu hierarchies."""
+    """One instance's directories in the memory, pids and cpu hierarchies.
+
+    Gateways on one host may share a parent: each removes only the directories named by
+    its own instance ids, which are random, and rmdir leaves a parent that is not empty.
+    """
 
     def __init__(self, parent: str, instance_id: str, root: Path = CGROUP_ROOT) -> None:
         self.paths = {name: root / name / parent / instance_id for name in CONTROLLERS}
