@@ -355,3 +355,14 @@ async def test_unreachable_api_names_fix(api_server: ApiServer, closed_tcp_port:
     assert result.exit_code == 1
     assert "cannot reach the vmflow API" in result.output
     assert "vmflow dev" in result.output
+
+
+async def test_api_trigger_defaults_to_default_project(api_server: ApiServer) -> None:
+    task = unique("task")
+    deployment = await deploy(api_server, project="default", tasks=[task])
+
+    async with api_server.http() as http:
+        response = await http.post(f"/api/v1/tasks/{task}/trigger", json={"payload": None})
+
+    assert response.status_code == 201, response.text
+    assert response.json()["deployment_id"] == deployment["id"]

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["runs"])
 
 _ERRORS = error_responses(401, 404, 409, 413, 422, 503)
+# The project a trigger without `project` or `deployment_id` runs on, as in `vmflow trigger`.
+DEFAULT_PROJECT = "default"
 
 
 def run_response(run: TaskRun) -> RunResponse:
@@ -91,13 +93,10 @@ def _resolve_deployment(session: Session, body: TriggerRequest) -> Deployment:
             )
         return deployment
 
-    if body.project is None:
-        raise NotFoundError(
-            "deployment_not_found", "no deployment given; set `project` or `deployment_id`"
-        )
-    project = session.scalars(select(Project).where(Project.slug == body.project)).one_or_none()
+    project_slug = body.project or DEFAULT_PROJECT
+    project = session.scalars(select(Project).where(Project.slug == project_slug)).one_or_none()
     if project is None:
-        raise NotFoundError("project_not_found", f"project {body.project!r} does not exist")
+        raise NotFoundError("project_not_found", f"project {project_slug!r} does not exist")
     deployment = session.scalars(
         select(Deployment)
         .where(
@@ -110,7 +109,7 @@ def _resolve_deployment(session: Session, body: TriggerRequest) -> Deployment:
     if deployment is None:
         raise NotFoundError(
             "deployment_not_found",
-            f"project {body.project!r} has no DEPLOYED deployment; run `vmflow deploy` first",
+            f"project {project_slug!r} has no DEPLOYED deployment; run `vmflow deploy` first",
         )
     return deployment
 
