@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from vmflow.cli.local import (
     StackAddresses,
@@ -24,6 +25,7 @@ from vmflow.cli.local import (
     secrets_path,
     write_stack_addresses,
 )
+from vmflow.cli.main import app
 
 VMFLOW = [sys.executable, "-m", "vmflow.cli.main"]
 PARTS = ("temporal", "gateway", "api", "worker")
@@ -218,3 +220,11 @@ def test_api_serve_without_key_exits_2(tmp_path: Path) -> None:
     )
     assert completed.returncode == 2
     assert "VMFLOW_API_KEY is not set" in completed.stderr
+
+
+def test_dev_help_shows_snapshot_delay_default() -> None:
+    result = CliRunner().invoke(app, ["dev", "--help"], env={"COLUMNS": "200"})
+
+    assert result.exit_code == 0, result.output
+    assert "--snapshot-delay-ms" in result.output
+    assert "[default: (COMPUTE_SNAPSHOT_DELAY_MS, else 5000)]" in result.output

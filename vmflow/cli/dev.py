@@ -17,11 +17,13 @@ from rich.table import Table
 from vmflow.cli.common import console, error_console
 from vmflow.cli.local import LocalStateError, secrets_path, stack_path
 from vmflow.cli.stack import LocalStack, StackError, StackPorts
-from vmflow.config import default_data_dir
+from vmflow.config import Settings, default_data_dir
 from vmflow.storage.db import redact_url
 
 # How often the foreground loop checks that every child still runs.
 WATCH_INTERVAL_S = 0.5
+# The delay the API gives each run when neither the option nor the variable sets one.
+DEFAULT_SNAPSHOT_DELAY_MS = Settings.model_fields["COMPUTE_SNAPSHOT_DELAY_MS"].default
 
 DataDirOption = Annotated[
     Path | None,
@@ -91,7 +93,11 @@ def dev(
     gateway_port: GatewayPortOption = 8020,
     snapshot_delay_ms: Annotated[
         int | None,
-        typer.Option(help="Milliseconds a suspended run waits before it is snapshotted."),
+        typer.Option(
+            min=0,
+            help="Milliseconds a suspended run waits before it is snapshotted.",
+            show_default=f"COMPUTE_SNAPSHOT_DELAY_MS, else {DEFAULT_SNAPSHOT_DELAY_MS}",
+        ),
     ] = None,
 ) -> None:
     """Start Temporal, the database, the gateway, the API and the worker; stop all on Ctrl-C."""
