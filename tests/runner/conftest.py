@@ -296,7 +296,10 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
     def start(
-        channel: HostChannel, modules: str = "sample_tasks", path: Path = SAMPLE_TASKS_DIR
+        channel: HostChannel,
+        modules: str = "sample_tasks",
+        path: Path = SAMPLE_TASKS_DIR,
+        retry_deadline_s: float | None = None,
     ) -> AgentProcess:
         stderr_path = tmp_path / f"agent-{len(started)}.stderr"
         env = {
@@ -305,6 +308,8 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
             "VMFLOW_CHANNEL": str(channel.socket_path),
             "VMFLOW_TASK_MODULES": modules,
         }
+        if retry_deadline_s is not None:
+            env["VMFLOW_CHANNEL_RETRY_DEADLINE_S"] = str(retry_deadline_s)
         with stderr_path.open("wb") as stderr:
             process = subprocess.Popen(
                 [sys.executable, "-m", "vmflow.runner.agent"],

@@ -6,7 +6,9 @@ Each waitpoint test runs for a sync and an async task with the same checks.
 from __future__ import annotations
 
 import importlib
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -137,6 +139,40 @@ def test_stale_agent_stops_without_changes(
     assert unchanged.status is TaskRunStatus.PENDING
     assert workload_server.events.for_run(run.id) == []
     assert workload_server.log_messages(run.id) == []
+
+
+def _closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_agent_gives_up_on_dead_proxy_target(
+    workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
+) -> None:
+    deadline_s = 4.0
+    run = workload_server.create_run("token-sync", {"timeout_s": 600})
+    host_channel.set_run(workload_server, run, _runner_id(run))
+    agent = start_agent(host_channel, retry_deadline_s=deadline_s)
+    _wait_for_suspend(workload_server, run.id, agent)
+
+    # As after a restore whose proxy points at a dead address: the channel
+    # still serves the identity, but every workload request gets a 502.
+    host_channel.server.set_workload(
+        f"http://127.0.0.1:{_closed_port()}", host_channel.server.workload_token
+    )
+    dead_from = time.monotonic()
+    exit_status = agent.wait_exit(timeout_s=60)
+    dead_for = time.monotonic() - dead_from
+
+    assert exit_status == 5, agent.stderr()
+    assert f"gives up on run {run.id}" in agent.stderr()
+    assert "HTTP 502" in agent.stderr()
+    # One deadline for the waitpoint poll, the log shipping and the failure
+    # report together, not one deadline each.
+    assert dead_for < 2 * deadline_s, agent.stderr()
+    assert workload_server.get_run(run.id).status is TaskRunStatus.SUSPENDING
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)

@@ -15,7 +15,10 @@ Exit status: 0 once the run's result is recorded, 1 when it could not be
 reported, 2 for a missing or invalid environment, and 3 when the run was
 finished from outside (canceled) while the task still ran. Status 4 means
 the workload API rejected this runner as stale because another runner is
-the run's current one, so the runner stopped and changed nothing.
+the run's current one, so the runner stopped and changed nothing. Status 5
+means the workload API stayed unreachable through the channel for the
+channel client's retry deadline (VMFLOW_CHANNEL_RETRY_DEADLINE_S, 300 s by
+default), so the runner gave up on the run.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 from vmflow.runner.channel import (
     ChannelClient,
     ChannelError,
+    ChannelUnavailableError,
     InstanceIdentity,
     WorkloadAPIError,
 )
@@ -60,6 +64,9 @@ _FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELED", "TIMED_OUT"})
 
 EXIT_CANCELED = 3
 EXIT_STALE_RUNNER = 4
+EXIT_UNREACHABLE = 5
+
+DEFAULT_RETRY_DEADLINE_S = 300.0
 
 
 def is_stale_runner(error: BaseException | None) -> bool:
@@ -177,6 +184,16 @@ class Agent:
                 error.message,
             )
             return EXIT_STALE_RUNNER
+        except ChannelUnavailableError as error:
+            logger.error(
+                "runner %s gives up on run %s: the workload API was unreachable through "
+                "the channel for %.0f s: %s",
+                runtime.runner_id,
+                runtime.run_id,
+                self.channel.retry_deadline_s,
+                error,
+            )
+            return EXIT_UNREACHABLE
         finally:
             logging.getLogger().removeHandler(handler)
             set_context(None)
@@ -256,7 +273,7 @@ class Agent:
                         )
                         return True
             except ChannelError as error:
-                if is_stale_runner(error):
+                if is_stale_runner(error) or isinstance(error, ChannelUnavailableError):
                     raise
                 # The task keeps running; the next tick tries again.
                 logger.warning(
@@ -279,7 +296,7 @@ class Agent:
         try:
             runtime.call("POST", suffix, body)
         except ChannelError as error:
-            if is_stale_runner(error):
+            if is_stale_runner(error) or isinstance(error, ChannelUnavailableError):
                 raise
             logger.exception("reporting the result of run %s failed", runtime.run_id)
             return 1
@@ -317,8 +334,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not socket_path:
         logger.error("VMFLOW_CHANNEL is not set; the gateway sets it to the channel socket path")
         return 2
+    deadline_text = os.environ.get("VMFLOW_CHANNEL_RETRY_DEADLINE_S", "")
     try:
-        return Agent(ChannelClient(socket_path), import_failure).run()
+        retry_deadline_s = float(deadline_text) if deadline_text else DEFAULT_RETRY_DEADLINE_S
+    except ValueError:
+        retry_deadline_s = -1.0
+    if not 0 < retry_deadline_s < float("inf"):
+        logger.error(
+            "VMFLOW_CHANNEL_RETRY_DEADLINE_S is %r; set it to a positive number of seconds",
+            deadline_text,
+        )
+        return 2
+    channel = ChannelClient(socket_path, retry_deadline_s=retry_deadline_s)
+    try:
+        return Agent(channel, import_failure).run()
     except ChannelError:
         logger.exception("the runner lost its channel at %s", socket_path)
         return 1

@@ -6,6 +6,14 @@ rejects connections while it takes a snapshot. So refused, reset and dropped
 connections, and the proxy's 502, 503 and 504, are retried with backoff until
 `retry_deadline_s` has passed. A request the server already handled may
 thus be sent twice, which the workload API allows for every route.
+
+The deadline of a workload API request counts from the first failure of a
+streak that spans requests: it ends only when the workload API returns a
+response. Otherwise a runner that sends one request after another (a
+waitpoint poll, then its logs, then its result) would get a fresh
+`retry_deadline_s` for each of them while the API stays unreachable.
+Requests to the gateway itself (`/_gateway/...`) keep a deadline of their
+own, because the gateway may respond while its proxy target is dead.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ _RETRYABLE_STATUSES = frozenset({502, 503, 504})
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
 # A sleep that overran by more than this was a freeze (a snapshot restored
-# later), not a slow host, so the retry deadline starts again.
+# later), not a slow host, so the overrun does not count toward the deadline.
 _FREEZE_OVERRUN_S = 5.0
 
 
@@ -134,6 +142,9 @@ class ChannelClient:
         self.socket_path = socket_path
         self.timeout_s = timeout_s
         self.retry_deadline_s = retry_deadline_s
+        # Monotonic time of the first failed workload API request since its last
+        # response, or None while the API responds.
+        self._workload_failing_since: float | None = None
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """Send a request and return the decoded JSON response, or None for an empty one.
@@ -142,7 +153,8 @@ class ChannelClient:
         and `ChannelUnavailableError` once the retry deadline has passed.
         """
         payload = None if body is None else json.dumps(body, allow_nan=False).encode()
-        deadline = time.monotonic() + self.retry_deadline_s
+        to_workload = not path.startswith("/_gateway/")
+        failing_since = time.monotonic()
         backoff = _FIRST_BACKOFF_S
         attempt = 0
 
@@ -153,25 +165,42 @@ class ChannelClient:
             except (OSError, http.client.HTTPException) as error:
                 failure = f"{type(error).__name__}: {error}"
             else:
-                if 200 <= status < 300:
-                    return json.loads(raw) if raw.strip() else None
-                code, message = _error_fields(status, raw)
-                if status not in _RETRYABLE_STATUSES and code != "events_unavailable":
+                code, message = _error_fields(status, raw) if status >= 300 else ("", "")
+                if status < 300 or (
+                    status not in _RETRYABLE_STATUSES and code != "events_unavailable"
+                ):
+                    if to_workload:
+                        self._workload_failing_since = None
+                    if status < 300:
+                        return json.loads(raw) if raw.strip() else None
                     raise WorkloadAPIError(method, path, status, code, message)
                 failure = f"HTTP {status}: {message}"
 
-            if time.monotonic() + backoff > deadline:
+            if to_workload:
+                if self._workload_failing_since is None:
+                    self._workload_failing_since = failing_since
+                failing_since = self._workload_failing_since
+            failing_for = time.monotonic() - failing_since
+            if failing_for + backoff > self.retry_deadline_s:
                 raise ChannelUnavailableError(
-                    f"{method} {path} over {self.socket_path} failed {attempt} times in "
+                    f"{method} {path} over {self.socket_path} failed {attempt} times; "
+                    f"requests have failed for {failing_for:.0f} s, and the limit is "
                     f"{self.retry_deadline_s:.0f} s; last error: {failure}"
                 )
             # Refusals are expected while the gateway snapshots the instance.
             logger.debug("retrying %s %s in %.2f s after %s", method, path, backoff, failure)
             slept_from = time.monotonic()
             time.sleep(backoff)
-            if time.monotonic() - slept_from > backoff + _FREEZE_OVERRUN_S:
-                logger.info("resumed after a freeze; retrying %s %s from now on", method, path)
-                deadline = time.monotonic() + self.retry_deadline_s
+            overrun = time.monotonic() - slept_from - backoff
+            if overrun > _FREEZE_OVERRUN_S:
+                # Only the frozen time is forgiven, so that a host slow enough to
+                # overrun a sleep cannot restart the deadline again and again.
+                logger.info(
+                    "resumed after a freeze of about %.0f s; retrying %s %s", overrun, method, path
+                )
+                failing_since += overrun
+                if to_workload:
+                    self._workload_failing_since = failing_since
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
     def _send_once(self, method: str, path: str, payload: bytes | None) -> tuple[int, bytes]:
