@@ -89,6 +89,10 @@ INSTANCE_LOG_TAIL_BYTES = 2_048
 
 # Patch ids (`workflow.patched`): histories recorded before a change replay without it.
 PATCH_INSTANCE_CHECK = "check-instance-while-waiting-for-runner"
+PATCH_SETTLE_SNAPSHOT = "settle-snapshot-in-flight-before-release"
+# How long a stopped run waits for the result of a snapshot it requested before
+# it stopped. The gateway rejects deleting an instance while it is snapshotting.
+SNAPSHOT_SETTLE_TIMEOUT = timedelta(minutes=5)
 
 # Instance states in which the instance still runs the task's process.
 _LIVE_INSTANCE_STATES = frozenset({"starting", "running"})
@@ -113,6 +117,16 @@ class RunFailedError(Exception):
         self.message = message
         # Extra fields of the run's error, next to `name` and `message`.
         self.details = details or {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _SnapshotInFlight:
+    """A snapshot request the gateway accepted and whose result the run has not taken."""
+
+    request_id: str
+    instance_id: str
+    # The snapshot's id when the gateway named it in its 202 response.
+    snapshot_id: str | None
 
 
 def _db_status(state: RunState) -> str:
@@ -149,6 +163,7 @@ class RunExecutionWorkflow:
         self._snapshot_requests = 0
         # Set when the run is canceled or times out; the body stops at its next wait.
         self._stop_state: RunState | None = None
+        self._snapshot_in_flight: _SnapshotInFlight | None = None
 
         carried = input.carried
         if carried is not None:
@@ -428,6 +443,7 @@ class RunExecutionWorkflow:
             )
         except RunStoppedError as stopped:
             workflow.logger.info("run %s stopped: %s", self._run_id, stopped.state)
+            await self._settle_snapshot_in_flight()
             return await self._end(stopped.state, error=self._stop_error(stopped.state))
 
         finished = self._finished
@@ -589,7 +605,9 @@ class RunExecutionWorkflow:
             return None
         started_ns = requested.requested_at_ns
 
+        self._snapshot_in_flight = _SnapshotInFlight(request_id, instance_id, requested.snapshot_id)
         result = await self._await_snapshot_callback(request_id, instance_id, requested.snapshot_id)
+        self._snapshot_in_flight = None
         ended_ns = result.received_at_ns or _ns(workflow.now())
         failed = result.status != SnapshotStatus.COMPLETED or not result.snapshot_id
         reason = (result.error or "the gateway reported no snapshot id") if failed else None
@@ -779,6 +797,63 @@ class RunExecutionWorkflow:
             snapshot_count=self._snapshot_count,
             restore_count=self._restore_count,
         )
+
+    async def _settle_snapshot_in_flight(self) -> None:
+        """Wait for a snapshot requested before the run stopped, then delete it if it completed.
+
+        Without the wait, deleting the snapshotting instance fails (409) and a
+        snapshot that completes after the run ended is never deleted. The wait
+        is bounded by SNAPSHOT_SETTLE_TIMEOUT, after which the run reads the
+        snapshot's state from the gateway once.
+        """
+        in_flight = self._snapshot_in_flight
+        if in_flight is None or not workflow.patched(PATCH_SETTLE_SNAPSHOT):
+            return
+        self._snapshot_in_flight = None
+        request_id = in_flight.request_id
+        try:
+            await workflow.wait_condition(
+                lambda: request_id in self._snapshot_results,
+                timeout=SNAPSHOT_SETTLE_TIMEOUT,
+                timeout_summary=f"settle snapshot {request_id} before release",
+            )
+        except TimeoutError:
+            snapshot_id = await self._completed_snapshot_of(in_flight)
+        else:
+            result = self._snapshot_results.pop(request_id)
+            completed = result.status == SnapshotStatus.COMPLETED
+            snapshot_id = result.snapshot_id if completed else None
+        if snapshot_id is not None and snapshot_id != self._snapshot_id:
+            await self._delete_snapshot(snapshot_id)
+
+    async def _completed_snapshot_of(self, in_flight: _SnapshotInFlight) -> str | None:
+        """Return the id of the in-flight snapshot if the gateway reports it completed."""
+        try:
+            state = await workflow.execute_activity_method(
+                GatewayActivities.get_instance_state,
+                InstanceStateInput(
+                    instance_id=in_flight.instance_id, snapshot_id=in_flight.snapshot_id
+                ),
+                start_to_close_timeout=GATEWAY_CALL_TIMEOUT,
+                retry_policy=GATEWAY_RETRY,
+                summary=f"reconcile snapshot {in_flight.request_id} before release",
+            )
+        except ActivityError as error:
+            reason = _cause(error)
+        else:
+            if state.snapshot_id and state.snapshot_state == "completed":
+                return state.snapshot_id
+            reason = f"instance is {state.state}, snapshot is {state.snapshot_state}"
+        workflow.logger.error(
+            "run %s: no result for snapshot %s of instance %s within %s after the run stopped "
+            "(%s); the gateway may still hold the instance or the snapshot",
+            self._run_id,
+            in_flight.request_id,
+            in_flight.instance_id,
+            SNAPSHOT_SETTLE_TIMEOUT,
+            reason,
+        )
+        return None
 
     async def _delete_instance(self) -> None:
         if self._instance_id is None:

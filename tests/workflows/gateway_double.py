@@ -227,8 +227,17 @@ class _Instances:
 
     async def delete(self, instance_id: str) -> None:
         await self._gateway.record("instances.delete", instance_id)
-        if instance_id not in self._gateway.instance_states:
+        state = self._gateway.instance_states.get(instance_id)
+        if state is None:
             raise _not_found("instance", instance_id)
+        if state == InstanceState.SNAPSHOTTING:
+            url = f"http://gateway.test/api/instances/{instance_id}"
+            raise ComputeHTTPError(
+                f"DELETE {url} returned 409: it is snapshotting",
+                url=url,
+                status=409,
+                body="it is snapshotting",
+            )
         self._gateway.instance_states[instance_id] = InstanceState.DELETED
 
     async def snapshot(self, instance_id: str, request: SnapshotRequest) -> SnapshotAccepted | None:
@@ -270,9 +279,14 @@ class _Instances:
             )
         else:
             snapshot_id = gateway.new_id("snap")
-            gateway.snapshot_states[snapshot_id] = SnapshotState.COMPLETED
             gateway.instance_snapshots[instance_id] = snapshot_id
-            gateway.instance_states[instance_id] = InstanceState.STOPPED
+            # A held callback means a snapshot still in progress until it is delivered.
+            if gateway.hold_callbacks and mode != "lost":
+                gateway.snapshot_states[snapshot_id] = SnapshotState.PENDING
+                gateway.instance_states[instance_id] = InstanceState.SNAPSHOTTING
+            else:
+                gateway.snapshot_states[snapshot_id] = SnapshotState.COMPLETED
+                gateway.instance_states[instance_id] = InstanceState.STOPPED
             message = SnapshotFinished(
                 status=SnapshotStatus.COMPLETED,
                 instance_id=instance_id,
@@ -289,6 +303,10 @@ class _Instances:
             return accepted
 
         async def callback() -> None:
+            if gateway.snapshot_states.get(message.snapshot_id or "") == SnapshotState.PENDING:
+                gateway.snapshot_states[message.snapshot_id or ""] = SnapshotState.COMPLETED
+            if gateway.instance_states.get(instance_id) == InstanceState.SNAPSHOTTING:
+                gateway.instance_states[instance_id] = InstanceState.STOPPED
             message.received_at_ns = time.time_ns()
             await gateway.signal_run(run_id, message)
 
@@ -322,8 +340,17 @@ class _Snapshots:
 
     async def delete(self, snapshot_id: str) -> None:
         await self._gateway.record("snapshots.delete", snapshot_id)
-        if snapshot_id not in self._gateway.snapshot_states:
+        state = self._gateway.snapshot_states.get(snapshot_id)
+        if state is None:
             raise _not_found("snapshot", snapshot_id)
+        if state == SnapshotState.PENDING:
+            url = f"http://gateway.test/api/snapshots/{snapshot_id}"
+            raise ComputeHTTPError(
+                f"DELETE {url} returned 409: it is pending",
+                url=url,
+                status=409,
+                body="it is pending",
+            )
         self._gateway.snapshot_states[snapshot_id] = SnapshotState.DELETED
 
 

@@ -33,6 +33,8 @@ def test_replay_histories_are_committed() -> None:
         "deploy_required",
         "template_build",
         "run_instance_exited",
+        "run_cancel_during_snapshot",
+        "run_timeout_during_snapshot",
     }
     assert expected <= set(HISTORIES)
 

@@ -19,6 +19,7 @@ from temporalio.exceptions import CancelledError
 
 from tests.workflows.conftest import Harness, assert_replays, new_id, seed_deployment, seed_run
 from tests.workflows.gateway_double import CALL_WAIT_TIMEOUT_S
+from vmflow.compute.models import InstanceState, SnapshotState
 from vmflow.storage.db import session_scope
 from vmflow.storage.models import (
     CheckpointType,
@@ -639,6 +640,83 @@ async def test_run_cancel_releases_instance(harness: Harness) -> None:
         run = session.get(TaskRun, run_id)
         assert run is not None
         assert run.status == TaskRunStatus.CANCELED
+
+
+async def wait_for_timer(handle: WorkflowHandle[Any, Any], summary_part: str) -> None:
+    """Wait until the run's history has started a timer whose summary contains `summary_part`."""
+
+    async def started() -> bool:
+        history = await handle.fetch_history()
+        for event in history.events:
+            if event.HasField("timer_started_event_attributes") and event.HasField("user_metadata"):
+                if summary_part in event.user_metadata.summary.data.decode():
+                    return True
+        return False
+
+    try:
+        async with asyncio.timeout(CALL_WAIT_TIMEOUT_S):
+            found = await started()
+            while not found:
+                await asyncio.sleep(0.02)
+                found = await started()
+    except TimeoutError:
+        raise AssertionError(f"the run started no timer named like {summary_part!r}") from None
+
+
+async def test_run_cancel_during_snapshot_deletes_both(harness: Harness) -> None:
+    await harness.start_workers()
+    harness.gateway.hold_callbacks = True
+    run_id, handle = await start_run(harness)
+    runner = await started_runner(harness, handle, run_id)
+    instance_id = harness.gateway.calls_of("instances.create")[0].target
+    assert instance_id is not None
+    await suspend(handle, runner, "wp-cancel")
+    await harness.env.sleep(DELAY + timedelta(seconds=1))
+    await harness.gateway.wait_until(
+        lambda: len(harness.gateway.held_callbacks) == 1, "the snapshot callback is held"
+    )
+
+    # The run stops while the gateway is still snapshotting its instance.
+    await handle.cancel()
+    await wait_for_timer(handle, "settle snapshot")
+    assert harness.gateway.calls_of("instances.delete") == []
+    await harness.gateway.release_callbacks()
+
+    with pytest.raises(WorkflowFailureError) as failure:
+        await handle.result()
+    assert isinstance(failure.value.cause, CancelledError)
+    snapshot_id = harness.gateway.instance_snapshots[instance_id]
+    assert [c.target for c in harness.gateway.calls_of("snapshots.delete")] == [snapshot_id]
+    assert harness.gateway.snapshot_states[snapshot_id] == SnapshotState.DELETED
+    assert [c.target for c in harness.gateway.calls_of("instances.delete")] == [instance_id]
+    assert harness.gateway.instance_states[instance_id] == InstanceState.DELETED
+    with session_scope(harness.sessions) as session:
+        run = session.get(TaskRun, run_id)
+        assert run is not None
+        assert run.status == TaskRunStatus.CANCELED
+    await assert_replays(handle, "run_cancel_during_snapshot")
+
+
+async def test_run_timeout_during_lost_snapshot_reconciles(harness: Harness) -> None:
+    await harness.start_workers()
+    harness.gateway.snapshot_mode = "lost"
+    run_id, handle = await start_run(
+        harness, max_duration_s=30.0, snapshot_callback_timeout_s=600.0
+    )
+    runner = await started_runner(harness, handle, run_id)
+    instance_id = harness.gateway.calls_of("instances.create")[0].target
+    assert instance_id is not None
+    await suspend(handle, runner, "wp-timeout")
+
+    # The run times out waiting for the callback, which never arrives; the gateway
+    # reports the snapshot completed when the settle wait ends.
+    result = await handle.result()
+
+    assert result.state == RunState.TIMED_OUT
+    snapshot_id = harness.gateway.instance_snapshots[instance_id]
+    assert [c.target for c in harness.gateway.calls_of("snapshots.delete")] == [snapshot_id]
+    assert [c.target for c in harness.gateway.calls_of("instances.delete")] == [instance_id]
+    await assert_replays(handle, "run_timeout_during_snapshot")
 
 
 async def test_run_continues_as_new_across_cycles(harness: Harness) -> None:
