@@ -190,6 +190,77 @@ async def test_cancel_run_cancels_workflow(api_server: ApiServer) -> None:
     assert description.status is WorkflowExecutionStatus.CANCELED
 
 
+async def test_cancel_times_out_pending_tokens(api_server: ApiServer) -> None:
+    deployment = await deploy(api_server)
+    async with api_server.http() as http:
+        triggered = await http.post(
+            "/api/v1/tasks/approval-report/trigger", json={"deployment_id": deployment["id"]}
+        )
+        run_id = triggered.json()["run_id"]
+        await api_server.wait_for_message(contract.run_workflow_id(run_id), "input")
+        with session_scope(api_server.sessions) as session:
+            pending = Waitpoint(run_id=run_id, kind=WaitpointKind.TOKEN, idempotency_key="a")
+            done = Waitpoint(
+                run_id=run_id,
+                kind=WaitpointKind.TOKEN,
+                idempotency_key="b",
+                status=WaitpointStatus.COMPLETED,
+                output="kept",
+            )
+            session.add_all([pending, done])
+            session.flush()
+            pending_id, done_id = pending.id, done.id
+
+        canceled = await http.post(f"/api/v1/runs/{run_id}/cancel")
+        late = await http.post(
+            f"/api/v1/waitpoints/tokens/{pending_id}/complete", json={"output": 1}
+        )
+
+    assert canceled.status_code == 202, canceled.text
+    statuses = {item["id"]: item["status"] for item in canceled.json()["waitpoints"]}
+    assert statuses == {pending_id: "TIMED_OUT", done_id: "COMPLETED"}
+    assert late.status_code == 409, late.text
+    assert late.json()["error"] == "waitpoint_not_pending"
+    assert f"run {run_id} is" in late.json()["detail"]
+    with session_scope(api_server.sessions) as session:
+        stored = session.get(Waitpoint, pending_id)
+        assert stored is not None
+        assert stored.status is WaitpointStatus.TIMED_OUT
+        assert stored.output is None
+        assert stored.completed_at is not None
+        kept = session.get(Waitpoint, done_id)
+        assert kept is not None
+        assert kept.output == "kept"
+
+
+async def test_token_of_finished_run_conflicts(api_server: ApiServer) -> None:
+    deployment = await deploy(api_server)
+    async with api_server.http() as http:
+        triggered = await http.post(
+            "/api/v1/tasks/approval-report/trigger", json={"deployment_id": deployment["id"]}
+        )
+        run_id = triggered.json()["run_id"]
+        with session_scope(api_server.sessions) as session:
+            row = session.get(TaskRun, run_id)
+            assert row is not None
+            row.status = TaskRunStatus.CANCELED
+            token = Waitpoint(run_id=run_id, kind=WaitpointKind.TOKEN, idempotency_key="t")
+            session.add(token)
+            session.flush()
+            token_id = token.id
+        response = await http.post(
+            f"/api/v1/waitpoints/tokens/{token_id}/complete", json={"output": 1}
+        )
+
+    assert response.status_code == 409, response.text
+    assert response.json()["error"] == "run_finished"
+    assert "CANCELED" in response.json()["detail"]
+    with session_scope(api_server.sessions) as session:
+        stored = session.get(Waitpoint, token_id)
+        assert stored is not None
+        assert stored.status is WaitpointStatus.PENDING
+
+
 async def test_cancel_finished_run_conflicts(api_server: ApiServer) -> None:
     deployment = await deploy(api_server)
     async with api_server.http() as http:

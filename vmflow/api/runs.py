@@ -24,6 +24,7 @@ from vmflow.api.schemas import (
     WaitpointResponse,
     error_responses,
 )
+from vmflow.api.waitpoints import time_out_pending_waitpoints
 from vmflow.storage.db import session_scope
 from vmflow.storage.models import (
     Deployment,
@@ -265,7 +266,11 @@ async def list_runs(
     summary="Cancel a run",
 )
 async def cancel_run(run_id: str, request: Request) -> RunResponse:
-    """Ask the run's workflow to cancel; the run becomes CANCELED once it has cleaned up."""
+    """Ask the run's workflow to cancel and time out the run's pending waitpoints.
+
+    The run becomes CANCELED once its workflow has cleaned up. Its waitpoints
+    are final at once, so no token of the run can be completed meanwhile.
+    """
     factory = request.app.state.session_factory
 
     def load() -> RunResponse:
@@ -282,7 +287,25 @@ async def cancel_run(run_id: str, request: Request) -> RunResponse:
     orchestrator: Orchestrator = request.app.state.orchestrator
     await orchestrator.cancel_run(run_id)
     logger.info("requested cancellation of run %s (status %s)", run_id, run.status.value)
-    return run
+
+    # NOTE: a runner that still polls a waitpoint sees it TIMED_OUT, and its task
+    # may fail and report that before the workflow has processed the
+    # cancellation requested above.
+    def close_waitpoints() -> RunResponse:
+        with session_scope(factory) as session:
+            closed = time_out_pending_waitpoints(session, run_id)
+            if closed:
+                logger.info(
+                    "timed out %d pending waitpoints of canceled run %s: %s",
+                    len(closed),
+                    run_id,
+                    ", ".join(closed),
+                )
+            session.flush()
+            session.expire_all()
+            return run_response(_load_run(session, run_id))
+
+    return await run_in_threadpool(close_waitpoints)
 
 
 @router.get(

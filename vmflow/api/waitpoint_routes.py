@@ -19,7 +19,7 @@ from vmflow.api.waitpoints import (
     complete_token,
 )
 from vmflow.storage.db import session_scope
-from vmflow.storage.models import Waitpoint, WaitpointStatus
+from vmflow.storage.models import TaskRun, Waitpoint, WaitpointStatus
 from workflows import contract
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ _ERRORS = error_responses(401, 404, 409, 413, 422, 503)
 def _claim(factory: sessionmaker[Session], token_id: str, output: object) -> WaitpointResponse:
     """Mark a PENDING token waitpoint COMPLETED, else raise 404, 409 or 422."""
     with session_scope(factory) as session:
+        _require_live_run(session, token_id)
         try:
             waitpoint = complete_token(session, token_id, output)
         except WaitpointNotFoundError as error:
@@ -41,9 +42,27 @@ def _claim(factory: sessionmaker[Session], token_id: str, output: object) -> Wai
         except WaitpointOutputError as error:
             raise InvalidRequestError("invalid_output", str(error)) from error
         except WaitpointStateError as error:
-            raise ConflictError("waitpoint_not_pending", str(error)) from error
+            run = _run_of(session, token_id)
+            state = f"; run {run.id} is {run.status.value}" if run is not None else ""
+            raise ConflictError("waitpoint_not_pending", f"{error}{state}") from error
         session.flush()
         return WaitpointResponse.model_validate(waitpoint, from_attributes=True)
+
+
+def _run_of(session: Session, token_id: str) -> TaskRun | None:
+    waitpoint = session.get(Waitpoint, token_id)
+    return session.get(TaskRun, waitpoint.run_id) if waitpoint is not None else None
+
+
+def _require_live_run(session: Session, token_id: str) -> None:
+    """Raise 409 `run_finished` when the token's run has finished, canceled included."""
+    run = _run_of(session, token_id)
+    if run is not None and run.status.is_final:
+        raise ConflictError(
+            "run_finished",
+            f"run {run.id} of token {token_id!r} is {run.status.value}, "
+            "so its tokens can no longer be completed",
+        )
 
 
 def _release(factory: sessionmaker[Session], token_id: str) -> None:

@@ -152,3 +152,22 @@ def complete_token(session: Session, waitpoint_id: str, output: Any) -> Waitpoin
     waitpoint.completed_at = utc_now()
     logger.info("completed token %s of run %s", waitpoint.id, waitpoint.run_id)
     return waitpoint
+
+
+def time_out_pending_waitpoints(session: Session, run_id: str) -> list[str]:
+    """Mark every PENDING waitpoint of a run TIMED_OUT and return their ids.
+
+    For a run that is canceled, so that none of its tokens looks live. The
+    model has no CANCELED waitpoint status, and TIMED_OUT is the final status
+    without an output. The caller commits the session.
+    """
+    pending = session.scalars(
+        select(Waitpoint)
+        .where(Waitpoint.run_id == run_id, Waitpoint.status == WaitpointStatus.PENDING)
+        .with_for_update()
+    ).all()
+    now = utc_now()
+    for waitpoint in pending:
+        waitpoint.status = WaitpointStatus.TIMED_OUT
+        waitpoint.completed_at = now
+    return [waitpoint.id for waitpoint in pending]
