@@ -246,6 +246,24 @@ def test_output_not_json_fails_run(
     assert f"bad-output-{flavor}" in failed.error["message"]
 
 
+def test_surrogate_output_fails_run(
+    workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
+) -> None:
+    run = workload_server.create_run("surrogate-output")
+    host_channel.set_run(workload_server, run, _runner_id(run))
+    agent = start_agent(host_channel)
+
+    assert agent.wait_exit() == 0, agent.stderr()
+    failed = workload_server.get_run(run.id)
+    assert failed.status is TaskRunStatus.FAILED
+    assert failed.error["name"] == "vmflow.runner.errors.TaskOutputError"
+    assert "surrogate-output" in failed.error["message"]
+    assert any(
+        "lone surrogate \\ud800 in a log line" in line
+        for line in workload_server.log_messages(run.id)
+    )
+
+
 def test_unknown_task_fails_run_listing_ids(
     workload_server: WorkloadServer, host_channel: HostChannel, start_agent: StartAgent
 ) -> None:

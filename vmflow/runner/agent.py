@@ -51,6 +51,7 @@ from vmflow.runner.runtime import (
     RunLogHandler,
     Runtime,
     set_current_runtime,
+    to_utf8_text,
 )
 from vmflow.runner.tasks import Task, registry
 
@@ -121,7 +122,11 @@ def error_details(error: BaseException, formatted_traceback: str | None) -> dict
     name = error_type.__qualname__
     if error_type.__module__ not in ("builtins", "__main__"):
         name = f"{error_type.__module__}.{name}"
-    return {"name": name, "message": str(error), "traceback": formatted_traceback}
+    return {
+        "name": to_utf8_text(name),
+        "message": to_utf8_text(str(error)),
+        "traceback": None if formatted_traceback is None else to_utf8_text(formatted_traceback),
+    }
 
 
 def execute_task(task: Task, payload: Any, context: RunContext, outcome: TaskOutcome) -> None:
@@ -141,7 +146,8 @@ def execute_task(task: Task, payload: Any, context: RunContext, outcome: TaskOut
 
 def check_output(task_id: str, output: Any) -> None:
     try:
-        json.dumps(output, allow_nan=False)
+        # Encoding to UTF-8 rejects lone surrogates, as the workload API does.
+        json.dumps(output, allow_nan=False, ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as error:
         raise TaskOutputError(
             f"task {task_id!r} returned a {type(output).__name__} that is not "

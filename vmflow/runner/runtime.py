@@ -87,6 +87,15 @@ class RunLogHandler(logging.Handler):
 _current: Runtime | None = None
 
 
+def to_utf8_text(text: str) -> str:
+    """Return `text` with each lone UTF-16 surrogate written as a `\\udXXX` escape.
+
+    The workload API rejects strings that are not valid UTF-8, so a log line
+    or an error message sent with a lone surrogate would be rejected.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def current_runtime() -> Runtime:
     """Return the runtime of the running task, raising `NoRunContextError` outside a run."""
     if _current is None:
@@ -196,6 +205,7 @@ class Runtime:
         return str(state["status"])
 
     def buffer_log_line(self, level: str, message: str, created: float) -> None:
+        message = to_utf8_text(message)
         if len(message) > MAX_LOG_MESSAGE_CHARS:
             message = message[: MAX_LOG_MESSAGE_CHARS - 20] + " …[truncated]"
         line = {

@@ -71,6 +71,12 @@ async def bad_output_async(payload: Any) -> Any:
     return {"values": {1, 2}}
 
 
+@task(id="surrogate-output")
+def surrogate_output(payload: Any, ctx: RunContext) -> Any:
+    ctx.logger.info("lone surrogate \ud800 in a log line")
+    return {"text": "\udc00"}
+
+
 @task(id="blocking-wait-in-async")
 async def blocking_wait_in_async(payload: Any) -> Any:
     return wait.for_token()
