@@ -109,11 +109,10 @@ class Gateway:
         self.snapshots = {r.id: r for r in self._snapshot_store.load_all()}
         self.templates = {r.id: r for r in self._template_store.load_all()}
 
-        for snapshot in self.snapshots.values():
+        for snapshot in list(self.snapshots.values()):
             if snapshot.state == SnapshotState.PENDING:
-                snapshot.state = SnapshotState.FAILED
-                snapshot.error = "the gateway restarted while the snapshot was taken"
-                self._snapshot_store.save(snapshot)
+                await self._recover_snapshot(snapshot)
+        await self._remove_unused_snapshot_dirs()
         for template in self.templates.values():
             if template.state == TemplateState.BUILDING:
                 template.state = TemplateState.FAILED
@@ -306,6 +305,7 @@ class Gateway:
             workload_url=record.workload_url,
             workload_token=record.workload_token,
             generation=record.generation,
+            callback=callback,
         )
         self.snapshots[snapshot.id] = snapshot
         self._snapshot_store.save(snapshot)
@@ -613,6 +613,79 @@ class Gateway:
             duration_ms=snapshot.duration_ms,
         )
         await self.callbacks.send(str(callback.url), payload, context=f"snapshot {snapshot.id}")
+
+    async def _recover_snapshot(self, snapshot: SnapshotRecord) -> None:
+        """Finish a snapshot that was pending when the gateway stopped, or mark it failed.
+
+        A dump that completed already stopped the instance, so its snapshot is completed
+        and the instance stopped. Either way the callback the snapshot owed is sent.
+        """
+        record = self.instances.get(snapshot.instance_id)
+        snapshot_dir = self._snapshot_dir(snapshot.id)
+        result = None
+        error_text = "the gateway restarted before the snapshot's dump completed"
+        if record is not None:
+            try:
+                image = self.images.resolve_digest(record.image_digest, record.image)
+                result = await self.driver.recover_checkpoint(
+                    self._runtime(record), self._spec(record, image), snapshot_dir
+                )
+            except (GatewayError, OSError) as error:
+                error_text = (
+                    f"the gateway restarted during the snapshot and cannot finish it: {error}"
+                )
+
+        if result is not None and record is not None:
+            snapshot.state = SnapshotState.COMPLETED
+            snapshot.size_bytes = result.size_bytes
+            snapshot.timing = result.timing
+            record.state = InstanceState.STOPPED
+            record.runtime = None
+            self._instance_store.save(record)
+            logger.info(
+                "snapshot %s of instance %s completed after a gateway restart: %s bytes",
+                snapshot.id, snapshot.instance_id, snapshot.size_bytes,
+            )  # fmt: skip
+        else:
+            snapshot.state = SnapshotState.FAILED
+            snapshot.error = error_text
+            logger.error(
+                "snapshot %s of instance %s failed: %s",
+                snapshot.id, snapshot.instance_id, error_text,
+            )  # fmt: skip
+        self._snapshot_store.save(snapshot)
+
+        if snapshot.callback is None:
+            logger.warning(
+                "snapshot %s has no stored callback target, so its result is not sent",
+                snapshot.id,
+            )
+            return
+        payload = SnapshotCallback(
+            status=CallbackStatus.COMPLETED
+            if snapshot.state == SnapshotState.COMPLETED
+            else CallbackStatus.FAILED,
+            snapshot_id=snapshot.id,
+            instance_id=snapshot.instance_id,
+            error=snapshot.error,
+            metadata=snapshot.callback.metadata,
+        )
+        url = str(snapshot.callback.url)
+        self._spawn(self.callbacks.send(url, payload, context=f"snapshot {snapshot.id}"), work=True)
+
+    async def _remove_unused_snapshot_dirs(self) -> None:
+        """Delete the directories of failed and deleted snapshots, and of unknown ids."""
+        snapshots_dir = self.settings.state_dir / "snapshots"
+        if not snapshots_dir.is_dir():
+            return
+        for path in snapshots_dir.iterdir():
+            snapshot = self.snapshots.get(path.name)
+            if snapshot is not None and snapshot.state == SnapshotState.COMPLETED:
+                continue
+            if snapshot is not None and snapshot.state == SnapshotState.PENDING:
+                continue
+            logger.info("removing the directory of unusable snapshot %s", path.name)
+            await asyncio.to_thread(shutil.rmtree, path, True)
 
     async def _resume_after_failed_snapshot(self, record: InstanceRecord) -> None:
         runtime = self._runtime(record)

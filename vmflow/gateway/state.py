@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
-from vmflow.compute.models import InstanceState, SnapshotState
+from vmflow.compute.models import CallbackTarget, InstanceState, SnapshotState
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ class SnapshotRecord(Record):
     duration_ms: float | None = None
     timing: dict[str, float] | None = None
     template_id: str | None = None
+    # Where the snapshot's callback goes, kept so a restarted gateway can still send it.
+    callback: CallbackTarget | None = None
 
 
 class TemplateRecord(Record):

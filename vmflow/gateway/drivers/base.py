@@ -77,6 +77,12 @@ class Driver(Protocol):
         """Write the instance's memory and files to `snapshot_dir` and stop the instance."""
         ...
 
+    async def recover_checkpoint(
+        self, runtime: Runtime | None, spec: LaunchSpec, snapshot_dir: Path
+    ) -> CheckpointResult | None:
+        """Finish a checkpoint begun before a gateway restart; None when it cannot be used."""
+        ...
+
     async def stop(self, runtime: Runtime | None, instance_id: str) -> None:
         """Kill the instance's processes and release its limits; idempotent."""
         ...

@@ -61,6 +61,10 @@ DEV_NODES = ("null", "zero", "full", "random", "urandom")
 # The version of the mount layout that `checkpoint` writes to sandbox.json. Version 1
 # snapshots bind /run/vmflow writable, so a restore of one would bring that back.
 LAYOUT_VERSION = 2
+# Written last into a snapshot's directory: every file a restore needs is in place.
+COMPLETE_MARKER = "complete.json"
+# The line CRIU 4 logs after a dump that stopped the dumped tree.
+DUMP_FINISHED = "Dumping finished successfully"
 START_TIMEOUT_S = 30.0
 CRIU_TIMEOUT_S = 300.0
 # Variables every sandboxed process gets; the request's env is applied over them.
@@ -415,7 +419,44 @@ class SandboxDriver:
             criu, "dump", arguments, log_path=snapshot_dir / "dump.log", timeout_s=CRIU_TIMEOUT_S
         )
         dumped = time.perf_counter()
+        await self._store_files(spec, snapshot_dir, runtime.pid)
+        copied = time.perf_counter()
 
+        await self.stop(runtime, spec.instance_id)
+        timing = {"criu_dump_ms": _ms(started, dumped), "copy_ms": _ms(dumped, copied)}
+        return _mark_complete(snapshot_dir, timing)
+
+    async def recover_checkpoint(
+        self, runtime: Runtime | None, spec: LaunchSpec, snapshot_dir: Path
+    ) -> CheckpointResult | None:
+        """Finish a checkpoint that a gateway crash interrupted, if its dump completed.
+
+        Returns None when the snapshot cannot be used: the dump did not finish, the
+        instance still runs, or its files are gone.
+        """
+        marker = snapshot_dir / COMPLETE_MARKER
+        with contextlib.suppress(FileNotFoundError):
+            saved = json.loads(read_regular(marker))
+            return CheckpointResult(size_bytes=saved["size_bytes"], timing=saved["timing"])
+        try:
+            dump_log = read_regular(snapshot_dir / "dump.log").decode(errors="replace")
+        except OSError:
+            return None
+        if DUMP_FINISHED not in dump_log:
+            return None
+        if runtime is not None and self.is_alive(runtime):
+            return None
+        if not (spec.instance_dir / "scratch").is_dir():
+            return None
+        await self.stop(runtime, spec.instance_id)
+        started = time.perf_counter()
+        pid = runtime.pid if runtime is not None else 0
+        await self._store_files(spec, snapshot_dir, pid)
+        return _mark_complete(snapshot_dir, {"copy_ms": _ms(started, time.perf_counter())})
+
+    async def _store_files(self, spec: LaunchSpec, snapshot_dir: Path, pid: int) -> None:
+        """Copy the instance's scratch and io files next to the images, and the mount layout."""
+        binds = self._binds(spec)
         # The dump killed the tree, so the files are final: they go with the images, because
         # CRIU requires every open file to have the same size at restore as at dump.
         files = snapshot_dir / "files"
@@ -429,16 +470,9 @@ class SandboxDriver:
         meta = {
             "layout": LAYOUT_VERSION,
             "mounts": {bind.key: bind.target for bind in binds},
-            "pid": runtime.pid,
+            "pid": pid,
         }
         (snapshot_dir / "sandbox.json").write_text(json.dumps(meta, indent=2))
-        copied = time.perf_counter()
-
-        await self.stop(runtime, spec.instance_id)
-        return CheckpointResult(
-            size_bytes=_tree_size(snapshot_dir),
-            timing={"criu_dump_ms": _ms(started, dumped), "copy_ms": _ms(dumped, copied)},
-        )
 
     async def stop(self, runtime: Runtime | None, instance_id: str) -> None:
         cgroups = CgroupSet(self.settings.cgroup_parent, instance_id)
@@ -644,6 +678,16 @@ async def _copy_tree(source: Path, destination: Path) -> None:
     _, error = await process.communicate()
     if process.returncode != 0:
         raise SandboxError(f"cannot copy {source} to {destination}: {error.decode().strip()}")
+
+
+def _mark_complete(snapshot_dir: Path, timing: dict[str, float]) -> CheckpointResult:
+    """Write the snapshot's completion marker atomically and return its result."""
+    result = CheckpointResult(size_bytes=_tree_size(snapshot_dir), timing=timing)
+    marker = snapshot_dir / COMPLETE_MARKER
+    temporary = marker.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"size_bytes": result.size_bytes, "timing": timing}))
+    os.replace(temporary, marker)
+    return result
 
 
 def _tree_size(path: Path) -> int:
