@@ -80,8 +80,10 @@ class WorkloadServer:
         """A route of this server that keeps every gateway callback posted to it."""
         return f"{self.url}/test-callbacks"
 
-    def token(self, run_id: str, deployment_id: str, ttl_s: int = 3600) -> str:
-        return issue_workload_token(self.secret, run_id, deployment_id, ttl_s)
+    def token(
+        self, run_id: str, deployment_id: str, ttl_s: int = 3600, runner_id: str | None = None
+    ) -> str:
+        return issue_workload_token(self.secret, run_id, deployment_id, ttl_s, runner_id=runner_id)
 
     def create_run(self, task_id: str, payload: Any = None) -> TaskRun:
         """Insert an organization, project, deployment and a PENDING run of `task_id`."""

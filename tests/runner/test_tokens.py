@@ -63,3 +63,13 @@ def test_token_issue_rejects_invalid_arguments(
 ) -> None:
     with pytest.raises(ValueError):
         issue_workload_token(secret, run_id, deployment_id, ttl_s)
+
+
+def test_token_runner_claim_round_trips() -> None:
+    with_runner = issue_workload_token(SECRET, "run_a", "dep_a", ttl_s=60, runner_id="run_a-r2")
+    without_runner = issue_workload_token(SECRET, "run_a", "dep_a", ttl_s=60)
+
+    assert verify_workload_token(SECRET, with_runner).runner_id == "run_a-r2"
+    assert verify_workload_token(SECRET, without_runner).runner_id is None
+    with pytest.raises(ValueError):
+        issue_workload_token(SECRET, "run_a", "dep_a", ttl_s=60, runner_id="")

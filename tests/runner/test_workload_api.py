@@ -204,6 +204,30 @@ def test_workload_current_and_newer_runner_admitted(
     assert server.get_run(run.id).runner_id == f"{run.id}-r10"
 
 
+def test_workload_token_runner_claim_checked(
+    workload_server_any_db: WorkloadServer,
+) -> None:
+    server = workload_server_any_db
+    run = server.create_run("echo")
+    current = f"{run.id}-r2"
+    token = server.token(run.id, run.deployment_id, runner_id=current)
+    client = RunClient(server, run, token=token)
+
+    older = client.post("/start", {"runner_id": f"{run.id}-r1"})
+    newer = client.post("/start", {"runner_id": f"{run.id}-r3"})
+    named = client.post("/start", {"runner_id": current})
+    complete = client.post("/complete", {"runner_id": f"{run.id}-r1", "output": "forged"})
+
+    for response in (older, newer, complete):
+        assert response.status_code == 409, response.text
+        assert response.json()["detail"]["code"] == "stale_runner"
+        assert current in response.json()["detail"]["message"]
+    assert named.status_code == 200, named.text
+    stored = server.get_run(run.id)
+    assert stored.runner_id == current
+    assert stored.status is TaskRunStatus.EXECUTING
+
+
 def test_workload_waitpoint_create_is_idempotent(
     workload_server_any_db: WorkloadServer,
 ) -> None:

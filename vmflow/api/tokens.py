@@ -2,7 +2,8 @@
 
 A token is `<claims>.<signature>`, both base64url without padding. The claims
 are compact JSON `{"v": 1, "run_id", "deployment_id", "iat", "exp"}` with
-times in Unix seconds; the signature is HMAC-SHA256 over the encoded claims
+times in Unix seconds. A token issued for one runner also has `"runner_id"`.
+The signature is HMAC-SHA256 over the encoded claims
 with VMFLOW_WORKLOAD_SECRET. The worker issues one per run and passes it to
 the gateway, whose instance channel adds it to every proxied request, so the
 runner itself never receives it.
@@ -33,6 +34,8 @@ class WorkloadClaims:
     deployment_id: str
     issued_at: int
     expires_at: int
+    # The one runner the token is for, or None for any runner of the run.
+    runner_id: str | None = None
 
 
 def _b64encode(data: bytes) -> str:
@@ -50,9 +53,19 @@ def _sign(secret: str, encoded_claims: str) -> str:
 
 
 def issue_workload_token(
-    secret: str, run_id: str, deployment_id: str, ttl_s: int, *, now: float | None = None
+    secret: str,
+    run_id: str,
+    deployment_id: str,
+    ttl_s: int,
+    *,
+    now: float | None = None,
+    runner_id: str | None = None,
 ) -> str:
-    """Issue a token for `run_id` of `deployment_id` that expires `ttl_s` seconds from now."""
+    """Issue a token for `run_id` of `deployment_id` that expires `ttl_s` seconds from now.
+
+    With `runner_id`, the workload API accepts the token only in requests of
+    that runner.
+    """
     if not secret:
         raise ValueError("workload secret is empty; set VMFLOW_WORKLOAD_SECRET")
     if not run_id or not deployment_id:
@@ -70,6 +83,10 @@ def issue_workload_token(
         "iat": issued_at,
         "exp": issued_at + ttl_s,
     }
+    if runner_id is not None:
+        if not runner_id:
+            raise ValueError("runner_id must be non-empty when given")
+        claims["runner_id"] = runner_id
     encoded = _b64encode(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
     return f"{encoded}.{_sign(secret, encoded)}"
 
@@ -99,6 +116,7 @@ def verify_workload_token(secret: str, token: str, *, now: float | None = None) 
             deployment_id=str(claims["deployment_id"]),
             issued_at=int(claims["iat"]),
             expires_at=int(claims["exp"]),
+            runner_id=None if claims.get("runner_id") is None else str(claims["runner_id"]),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise WorkloadTokenError(f"workload token claims are incomplete: {error}") from error

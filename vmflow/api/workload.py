@@ -340,6 +340,27 @@ def _admit_runner(run: TaskRun, runner_id: str) -> None:
     run.runner_id = runner_id
 
 
+def _require_token_runner(claims: WorkloadClaims, runner_id: str) -> None:
+    """Reject (409 `stale_runner`) a runner other than the one its token was issued for.
+
+    A restore gives the instance a new token, so a token that names a runner
+    is one more check that an old runner cannot act for the current one.
+    """
+    if claims.runner_id is not None and claims.runner_id != runner_id:
+        logger.warning(
+            "rejected runner %s of run %s: its workload token is for runner %s",
+            runner_id,
+            claims.run_id,
+            claims.runner_id,
+        )
+        raise api_error(
+            status.HTTP_409_CONFLICT,
+            "stale_runner",
+            f"runner {runner_id!r} is not the runner {claims.runner_id!r} that the "
+            f"workload token of run {claims.run_id!r} was issued for",
+        )
+
+
 def _load_waitpoint(session: Session, run: TaskRun, waitpoint_id: str) -> Waitpoint:
     waitpoint = session.get(Waitpoint, waitpoint_id)
     if waitpoint is None or waitpoint.run_id != run.id:
@@ -379,6 +400,7 @@ async def _emit(description: str, run_id: str, call: Any) -> None:
 @router.post("/runs/{run_id}/start", response_model=Execution)
 async def start_run(run_id: str, body: RunnerRequest, claims: Claims, state: State) -> Execution:
     """Make `runner_id` the run's runner, mark the run EXECUTING and return what to execute."""
+    _require_token_runner(claims, body.runner_id)
 
     def step(session: Session) -> Execution:
         run = _load_run(session, run_id)
@@ -409,6 +431,7 @@ async def start_run(run_id: str, body: RunnerRequest, claims: Claims, state: Sta
 @router.post("/runs/{run_id}/heartbeat", response_model=RunState)
 async def heartbeat(run_id: str, body: RunnerRequest, claims: Claims, state: State) -> RunState:
     """Record that the runner is alive; the returned status shows whether the run was canceled."""
+    _require_token_runner(claims, body.runner_id)
 
     def step(session: Session) -> RunState:
         run = _load_run(session, run_id)
@@ -423,6 +446,7 @@ async def heartbeat(run_id: str, body: RunnerRequest, claims: Claims, state: Sta
 @router.post("/runs/{run_id}/logs", response_model=LogsResponse)
 async def append_logs(run_id: str, body: LogsRequest, claims: Claims, state: State) -> LogsResponse:
     """Append log lines to the run's log, tagged with the current runner that sent them."""
+    _require_token_runner(claims, body.runner_id)
     for line in body.lines:
         if line.ts.utcoffset() is None:
             raise api_error(
@@ -454,6 +478,7 @@ async def create_run_waitpoint(
     run_id: str, body: WaitpointCreateRequest, claims: Claims, state: State
 ) -> WaitpointResponse:
     """Create a waitpoint, or return the earlier one with the same idempotency key."""
+    _require_token_runner(claims, body.runner_id)
 
     def step(session: Session) -> WaitpointResponse:
         run = _load_run(session, run_id)
@@ -511,6 +536,7 @@ async def request_suspend(
     run_id: str, body: SuspendRequest, claims: Claims, state: State
 ) -> SuspendResponse:
     """Record that the runner waits at a waitpoint and may be snapshotted (status SUSPENDING)."""
+    _require_token_runner(claims, body.runner_id)
 
     def step(session: Session) -> tuple[SuspendResponse, SuspendDetails | None]:
         run = _load_run(session, run_id)
@@ -551,6 +577,7 @@ async def request_suspend(
 @router.post("/runs/{run_id}/resume", response_model=RunState)
 async def resume_run(run_id: str, body: ResumeRequest, claims: Claims, state: State) -> RunState:
     """Make a runner woken inside a restored snapshot the run's runner (status EXECUTING)."""
+    _require_token_runner(claims, body.runner_id)
 
     def step(session: Session) -> RunState:
         run = _load_run(session, run_id)
@@ -594,6 +621,7 @@ async def complete_run(
     run_id: str, body: CompleteRequest, claims: Claims, state: State
 ) -> RunState:
     """Mark the run COMPLETED with the task's output."""
+    _require_token_runner(claims, body.runner_id)
     details = FinishDetails(status=TaskRunStatus.COMPLETED, output=body.output)
     result, changed = await _in_session(
         state, lambda session: _finish(session, run_id, body.runner_id, details)
@@ -609,6 +637,7 @@ async def complete_run(
 @router.post("/runs/{run_id}/fail", response_model=RunState)
 async def fail_run(run_id: str, body: FailRequest, claims: Claims, state: State) -> RunState:
     """Mark the run FAILED with the task's error {name, message, traceback}."""
+    _require_token_runner(claims, body.runner_id)
     details = FinishDetails(status=TaskRunStatus.FAILED, error=body.error.model_dump())
     result, changed = await _in_session(
         state, lambda session: _finish(session, run_id, body.runner_id, details)
