@@ -276,7 +276,10 @@ def test_unknown_task_fails_run_listing_ids(
     assert failed.status is TaskRunStatus.FAILED
     assert failed.error["name"] == "vmflow.runner.errors.UnknownTaskError"
     assert "'no-such-task' is not defined in this image" in failed.error["message"]
-    assert "echo, raises-async, raises-sync, token-async, token-sync" in failed.error["message"]
+    assert (
+        "echo, raises-async, raises-sync, surrogate-output, token-async, token-sync"
+        in failed.error["message"]
+    )
 
 
 def test_blocking_wait_in_async_task_fails_run(
