@@ -232,7 +232,9 @@ class GatewayActivities:
                 "VMFLOW_RUNNER_ID": input.runner_id,
                 "VMFLOW_DEPLOYMENT_ID": input.deployment_id,
                 "VMFLOW_WORKLOAD_URL": self._api_url,
-                "VMFLOW_WORKLOAD_TOKEN": self._issue_token(input.run_id, input.deployment_id),
+                "VMFLOW_WORKLOAD_TOKEN": self._issue_token(
+                    input.run_id, input.deployment_id, input.runner_id
+                ),
             },
             cpu=input.cpu,
             memory_gb=input.memory_gb,
@@ -352,7 +354,9 @@ class GatewayActivities:
                 METADATA_RUN_ID: input.run_id,
                 "VMFLOW_RUNNER_ID": input.runner_id,
                 "VMFLOW_WORKLOAD_URL": self._api_url,
-                "VMFLOW_WORKLOAD_TOKEN": self._issue_token(input.run_id, input.deployment_id),
+                "VMFLOW_WORKLOAD_TOKEN": self._issue_token(
+                    input.run_id, input.deployment_id, input.runner_id
+                ),
             },
             cpu=input.cpu,
             memory_gb=input.memory_gb,

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from vmflow.config import Settings
 
-# (run_id, deployment_id) -> token the instance channel sends to the workload API.
-TokenIssuer = Callable[[str, str], str]
+# (run_id, deployment_id, runner_id) -> token the instance channel sends to the workload API.
+TokenIssuer = Callable[[str, str, str], str]
 
 
 class MissingWorkloadSecretError(RuntimeError):
@@ -15,7 +15,7 @@ class MissingWorkloadSecretError(RuntimeError):
 
 
 def workload_token_issuer(settings: Settings) -> TokenIssuer:
-    """Return a function that mints a run's workload token with VMFLOW_WORKLOAD_SECRET."""
+    """Return a function that mints a runner's workload token with VMFLOW_WORKLOAD_SECRET."""
     from vmflow.api.tokens import issue_workload_token
 
     secret = settings.VMFLOW_WORKLOAD_SECRET
@@ -27,7 +27,8 @@ def workload_token_issuer(settings: Settings) -> TokenIssuer:
     key = secret.get_secret_value()
     ttl_s = settings.VMFLOW_WORKLOAD_TOKEN_TTL_S
 
-    def issue(run_id: str, deployment_id: str) -> str:
-        return issue_workload_token(key, run_id, deployment_id, ttl_s)
+    def issue(run_id: str, deployment_id: str, runner_id: str) -> str:
+        # The runner claim lets the workload API reject a stale runner that still holds a token.
+        return issue_workload_token(key, run_id, deployment_id, ttl_s, runner_id=runner_id)
 
     return issue

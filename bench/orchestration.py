@@ -150,7 +150,7 @@ class Orchestration:
             gateway=GatewayActivities(
                 gateway,  # type: ignore[arg-type]
                 api_url=API_URL,
-                issue_token=lambda run_id, deployment_id: f"bench-token-{run_id}",
+                issue_token=lambda run_id, deployment_id, runner_id: f"bench-token-{runner_id}",
             ),
             database=TimedDatabaseActivities(self._sessions, self._status_stored),
             spans=SpanActivities(ComputeSpanRecorder(self._provider)),

@@ -135,7 +135,9 @@ class Harness:
             gateway=GatewayActivities(
                 self.gateway if self.gateway_configured else None,  # type: ignore[arg-type]
                 api_url=self.api_url,
-                issue_token=lambda run_id, deployment_id: f"token-{run_id}-{uuid.uuid4().hex[:6]}",
+                issue_token=lambda run_id, deployment_id, runner_id: (
+                    f"token-{runner_id}-{uuid.uuid4().hex[:6]}"
+                ),
             ),
             database=DatabaseActivities(
                 self.sessions,

@@ -189,7 +189,7 @@ async def test_run_provision_env_and_digest(harness: Harness) -> None:
     assert env["VMFLOW_RUN_ID"] == run_id
     assert env["VMFLOW_RUNNER_ID"] == f"{run_id}-r1"
     assert env["VMFLOW_WORKLOAD_URL"] == "http://127.0.0.1:9/vmflow-api"
-    assert env["VMFLOW_WORKLOAD_TOKEN"].startswith(f"token-{run_id}")
+    assert env["VMFLOW_WORKLOAD_TOKEN"].startswith(f"token-{run_id}-r1-")
     assert "@sha256" not in create.body["image"]
     assert create.body["name"] == f"{run_id}-r1"
 
@@ -225,7 +225,7 @@ async def test_run_long_wait_snapshots_and_restores(harness: Harness) -> None:
     restore = (await harness.gateway.wait_for("snapshots.restore"))[0]
     assert restore.target == snapshot_id
     assert restore.body["metadata"]["VMFLOW_RUNNER_ID"] == f"{run_id}-r2"
-    assert restore.body["metadata"]["VMFLOW_WORKLOAD_TOKEN"].startswith(f"token-{run_id}")
+    assert restore.body["metadata"]["VMFLOW_WORKLOAD_TOKEN"].startswith(f"token-{run_id}-r2-")
     assert restore.body["name"] == f"{run_id}-r2"
 
     await handle.signal(SIGNAL_RUNNER_RESUMED, RunnerResumed(f"{run_id}-r2", "wp-long"))
