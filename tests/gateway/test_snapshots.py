@@ -296,3 +296,33 @@ async def test_template_build_instance_is_hidden(
 
     assert caught_get.value.status == 404
     assert caught_delete.value.status == 404
+
+
+async def test_snapshot_restore_keeps_root_read_only(
+    client: ComputeClient, build_image: ImageBuilder, callbacks: CallbackReceiver
+) -> None:
+    image = build_image("root_writer.py")
+    created = await client.instances.create(
+        InstanceCreateRequest(name=unique("writer"), image=image, cpu=1, memory_gb=0.25)
+    )
+    before = await wait_for_output(client, created.id, lambda text: "tick 3 " in text)
+    await client.instances.snapshot(
+        created.id, SnapshotRequest(callback=CallbackTarget(url=callbacks.url))
+    )
+    snapshot_id = (await callbacks.next()).json()["snapshot_id"]
+    before = await read_output(client, created.id)
+    await client.instances.delete(created.id)
+
+    restored = await client.snapshots.restore(
+        snapshot_id, SnapshotRestoreRequest(name=unique("writer-restored"), cpu=1, memory_gb=0.25)
+    )
+    assert restored is not None
+    last_before = len(re.findall(r"^tick \d+ ", before, re.MULTILINE))
+    expected = f"tick {last_before + 5} "
+    after = await wait_for_output(
+        client, restored.id, lambda text, expected=expected: expected in text
+    )
+
+    assert "root=read-only" in before
+    assert "root=writable" not in before
+    assert "root=writable" not in after

@@ -377,6 +377,8 @@ class SandboxDriver:
             "--pidfile", str(pidfile),
             # criu exits once the tree runs, so it does not stay in the instance's cgroups.
             "--restore-detached",
+            # The tree stays stopped until the root is read-only again; see _seal_root.
+            "--leave-stopped",
         ]  # fmt: skip
         for key, target in meta["mounts"].items():
             arguments += ["--external", f"mnt[{key}]:{by_target[target].source}"]
@@ -384,6 +386,8 @@ class SandboxDriver:
         launcher = await self._spawn_in_cgroups(cgroups, f"exec {quoted}", [], spec, {})
         try:
             pid = await self._wait_for_pidfile(launcher, pidfile, log_path, spec)
+            await _seal_root(pid, spec)
+            _continue_tree(cgroups)
         except BaseException:
             await self._abort(launcher, cgroups)
             raise
@@ -637,6 +641,50 @@ class SandboxDriver:
                 "instance_dir": str(spec.instance_dir),
             },
         )
+
+
+async def _seal_root(pid: int, spec: LaunchSpec) -> None:
+    """Remount a restored sandbox's root read-only while its tree is still stopped.
+
+    criu 4.1 restores the root mount from `--root` writable, whatever flags the
+    dump recorded, so the read-only remount of a cold start is repeated here.
+    """
+    process = await asyncio.create_subprocess_exec(
+        "nsenter", f"--target={pid}", "--mount", "--",
+        "mount", "-o", "remount,bind,ro,nosuid,nodev", "/",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, error = await process.communicate()
+    if process.returncode != 0:
+        raise SandboxError(
+            f"cannot make the root of restored instance {spec.instance_id} read-only: "
+            f"{error.decode(errors='replace').strip()}"
+        )
+    if not _root_is_read_only(pid):
+        raise SandboxError(
+            f"the root of restored instance {spec.instance_id} is still writable after "
+            "the read-only remount"
+        )
+
+
+def _root_is_read_only(pid: int) -> bool:
+    """Return whether the mount at `/` of the process's mount namespace is read-only."""
+    options = None
+    # mountinfo lists stacked mounts in mount order, so the last one at `/` is visible.
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == "/":
+            options = fields[5].split(",")
+    return options is not None and "ro" in options
+
+
+def _continue_tree(cgroups: CgroupSet) -> None:
+    """Resume every process of a tree that criu restored stopped."""
+    for pid in cgroups.pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def _ms(start: float, end: float) -> float:
