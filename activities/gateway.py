@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +162,17 @@ def to_application_error(error: ComputeError) -> ApplicationError:
         type=type(error).__name__,
         non_retryable=not error.retryable,
     )
+
+
+async def _delete(request: Awaitable[None]) -> DeleteResult:
+    """Await a gateway delete; a 404 means it was already gone, other errors are raised."""
+    try:
+        await request
+    except ComputeError as error:
+        if _is_not_found(error):
+            return DeleteResult(deleted=False)
+        raise to_application_error(error) from error
+    return DeleteResult(deleted=True)
 
 
 def _is_not_found(error: ComputeError) -> bool:
@@ -393,24 +405,12 @@ class GatewayActivities:
     @activity.defn(name="delete_instance")
     async def delete_instance(self, input: DeleteInstanceInput) -> DeleteResult:
         """Delete an instance; one the gateway no longer has counts as deleted."""
-        try:
-            await self.gateway.instances.delete(input.instance_id)
-        except ComputeError as error:
-            if _is_not_found(error):
-                return DeleteResult(deleted=False)
-            raise to_application_error(error) from error
-        return DeleteResult(deleted=True)
+        return await _delete(self.gateway.instances.delete(input.instance_id))
 
     @activity.defn(name="delete_snapshot")
     async def delete_snapshot(self, input: DeleteSnapshotInput) -> DeleteResult:
         """Delete a snapshot; one the gateway no longer has counts as deleted."""
-        try:
-            await self.gateway.snapshots.delete(input.snapshot_id)
-        except ComputeError as error:
-            if _is_not_found(error):
-                return DeleteResult(deleted=False)
-            raise to_application_error(error) from error
-        return DeleteResult(deleted=True)
+        return await _delete(self.gateway.snapshots.delete(input.snapshot_id))
 
     @activity.defn(name="create_template")
     async def create_template(self, input: TemplateCreateInput) -> TemplateCreateResult:
