@@ -28,7 +28,7 @@ def workload_token_issuer(settings: Settings) -> TokenIssuer:
     ttl_s = settings.VMFLOW_WORKLOAD_TOKEN_TTL_S
 
     def issue(run_id: str, deployment_id: str, runner_id: str) -> str:
-        # The runner claim lets the workload API reject a stale runner that still holds a token.
+        # The runner claim lets the workload API reject a stale runner that still has a token.
         return issue_workload_token(key, run_id, deployment_id, ttl_s, runner_id=runner_id)
 
     return issue

@@ -35,7 +35,7 @@ def configure_logging() -> None:
 
 
 class ConfigError(ValueError):
-    """Raised when an environment variable holds a value outside its accepted range."""
+    """Raised when an environment variable has a value outside its accepted range."""
 
 
 class Settings(BaseSettings):

@@ -179,7 +179,7 @@ class InstancesAPI:
         await self._client.request("DELETE", f"/api/instances/{instance_id}")
 
     async def snapshot(self, instance_id: str, request: SnapshotRequest) -> SnapshotAccepted | None:
-        """Ask for a snapshot; the gateway answers 202 and reports through the callback.
+        """Ask for a snapshot; the gateway returns 202 and reports through the callback.
 
         Returns the 202 body when it is a JSON object (the reference gateway
         sends the new snapshot's id), else None.
@@ -200,7 +200,7 @@ class TemplatesAPI:
         self._client = client
 
     async def create(self, request: TemplateCreateRequest) -> TemplateCreateResponse | None:
-        """Build a template; background builds answer 202, so this returns None for them."""
+        """Build a template; background builds return 202, so this returns None for them."""
         return await self._client.request_optional_model(
             "POST", "/api/templates", TemplateCreateResponse, request
         )

@@ -6,8 +6,8 @@ from __future__ import annotations
 class ComputeError(Exception):
     """Root of every error the compute client raises.
 
-    `url` is the request URL; `status` and `body` are set when the gateway
-    answered with an HTTP error.
+    `url` is the request URL. `status` and `body` are set when the gateway
+    returned an HTTP error.
     """
 
     def __init__(
@@ -25,7 +25,7 @@ class ComputeError(Exception):
 
 
 class ComputeTimeoutError(ComputeError):
-    """The gateway did not answer within COMPUTE_GATEWAY_TIMEOUT_MS."""
+    """The gateway did not respond within COMPUTE_GATEWAY_TIMEOUT_MS."""
 
 
 class ComputeConnectionError(ComputeError):
@@ -33,7 +33,7 @@ class ComputeConnectionError(ComputeError):
 
 
 class ComputeHTTPError(ComputeError):
-    """The gateway answered with a 4xx or 5xx status."""
+    """The gateway returned a 4xx or 5xx status."""
 
     status: int
 

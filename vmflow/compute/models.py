@@ -26,7 +26,7 @@ class _Response(BaseModel):
 
 
 class CallbackTarget(_Request):
-    """Where the gateway reports the end of a background operation."""
+    """Callback target: the URL and metadata the gateway reports a background operation's end to."""
 
     url: AnyHttpUrl
     metadata: dict[str, str] = Field(default_factory=dict)
@@ -41,7 +41,7 @@ class TemplateCreateRequest(_Request):
 
 
 class TemplateCreateResponse(_Response):
-    """Result of a foreground template build; background builds answer 202 with no body."""
+    """Result of a foreground template build; background builds return 202 with no body."""
 
     template_id: str | None = None
     image: str | None = None

@@ -30,8 +30,8 @@ def redact_url(url: str) -> str:
 
 
 def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # SQLite ignores foreign keys unless told per connection; WAL lets the API read
-    # while the worker writes.
+    # SQLite enforces foreign keys only when each connection enables them. WAL lets the
+    # API read while the worker writes.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
